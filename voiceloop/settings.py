@@ -137,14 +137,21 @@ class ValidationSettings(_Strict):
 class CorpusSettings(_Strict):
     """Size and make-up of the synthetic spoken-command corpus.
 
-    ``utterances_per_template`` sentences are sampled from each grammar template;
-    ``max_templates`` (when set) keeps a per-intent-stratified subset of templates, which
-    is how the tiny profile stays tiny. ``workers`` = 0 uses every core.
+    ``utterances_per_template`` sentences are sampled from each grammar template, raised
+    for intents with few templates so that each intent gets at least
+    ``min_utterances_per_intent`` (as far as its templates have distinct sentences).
+    ``max_templates`` keeps a per-intent-stratified subset of templates and
+    ``max_intents`` a random subset of intents, which is how the tiny profile stays tiny;
+    ``intents`` restricts the corpus to named intents (domain-shift scenarios).
+    ``workers`` = 0 uses every core.
     """
 
     language: str = "en"
     utterances_per_template: int = Field(4, ge=1)
+    min_utterances_per_intent: int = Field(0, ge=0)
     max_templates: int | None = Field(None, ge=3)
+    max_intents: int | None = Field(None, ge=1)
+    intents: list[str] | None = None
     max_utterances: int | None = Field(None, ge=1)
     workers: int = Field(0, ge=0)
     split: SplitSettings = SplitSettings()
