@@ -37,7 +37,6 @@ Derived values are informative only: :func:`replay` recomputes them.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -51,6 +50,7 @@ import soundfile as sf
 from scipy import signal
 
 from model.data.manifest import AugmentStep
+from model.data.seeding import stable_rng
 from voiceloop.settings import AugmentSettings, ReverbSettings
 
 __all__ = [
@@ -554,7 +554,7 @@ def _run(x: np.ndarray, kind: str, params: Params, ctx: _Context) -> tuple[np.nd
 def augment_rng(seed: int, utterance_id: str) -> np.random.Generator:
     """Generator for one utterance, from ``(seed, utterance_id)`` alone.
 
-    The pair is hashed (BLAKE2b, 128 bits) into a :class:`numpy.random.SeedSequence`, so
+    The pair is hashed (see :func:`model.data.seeding.stable_rng`), so
     the draws do not depend on which other utterances were augmented before, in which
     order, or in which worker process.
 
@@ -563,9 +563,7 @@ def augment_rng(seed: int, utterance_id: str) -> np.random.Generator:
     """
     if not isinstance(utterance_id, str) or not utterance_id:
         raise ValueError(f"utterance_id must be a non-empty string, got {utterance_id!r}")
-    digest = hashlib.blake2b(f"{int(seed)}\x00{utterance_id}".encode(), digest_size=16).digest()
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(
-        int.from_bytes(digest, "little"))))
+    return stable_rng(seed, "augment", utterance_id)
 
 
 class Augmenter:

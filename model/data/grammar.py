@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,10 @@ from hassil.expression import (
     Permutation,
     RuleReference,
     Sentence,
-    Sequence as SequenceExpr,
     TextChunk,
+)
+from hassil.expression import (
+    Sequence as SequenceExpr,
 )
 from hassil.intents import RangeSlotList, SlotList, TextSlotList, WildcardSlotList
 from hassil.recognize import recognize_best
@@ -349,21 +351,29 @@ class Grammar:
     def generate(
         self,
         templates: Sequence[Template],
-        per_template: int,
+        per_template: int | Mapping[str, int],
         rng: np.random.Generator,
         max_attempts_factor: int = 3,
     ) -> tuple[list[LabelledSentence], GrammarReport]:
         """Sample and label up to ``per_template`` distinct sentences per template.
 
-        Duplicated sentences are redrawn (up to ``max_attempts_factor × per_template``
-        draws per template) and counted, so the report balances.
+        Args:
+            templates: templates to draw from.
+            per_template: sentences wanted per template, one number for all or a
+                mapping from template id.
+            rng: source of randomness.
+            max_attempts_factor: draws allowed per wanted sentence; a template with few
+                distinct sentences yields fewer than asked.
+
+        Duplicated sentences are redrawn and counted, so the report balances.
         """
         report = GrammarReport(templates=len(templates))
         out: list[LabelledSentence] = []
         for template in templates:
+            wanted = per_template if isinstance(per_template, int) else per_template[template.id]
             seen: set[str] = set()
-            for _ in range(per_template * max_attempts_factor):
-                if len(seen) >= per_template:
+            for _ in range(wanted * max_attempts_factor):
+                if len(seen) >= wanted:
                     break
                 written = self.sample(template, rng)
                 report.sampled += 1

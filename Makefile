@@ -1,0 +1,45 @@
+# voiceloop — the two commands of the README:
+#   make demo   set up everything, then run the main job (the DVC pipeline, quick profile)
+#   make test   set up everything, then run the test suite
+# Both work on a fresh Debian machine as root: system packages, uv, the Python environment.
+
+SHELL := /bin/bash
+export UV_PYTHON_DOWNLOADS := never
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+
+SYSTEM_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k sox libsndfile1 git
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+PROFILE ?= quick
+PYTEST_ARGS ?=
+
+.PHONY: demo test setup system-packages uv venv lint clean-workspace
+
+demo: setup
+	uv run dvc repro corpus
+	uv run dvc push -q || echo "dvc push failed: outputs are still in the local cache"
+	uv run voiceloop stats --profile $(PROFILE) | head -20
+	@echo "Corpus under workspace/corpus/$(PROFILE)/ — reports/stats.md, reports/validation.md"
+
+test: setup
+	uv run pytest $(PYTEST_ARGS)
+
+setup: system-packages venv
+
+system-packages:
+	@if ! dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1; then \
+		echo "installing system packages: $(SYSTEM_PACKAGES)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	fi
+
+uv:
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv
+
+venv: uv
+	uv sync --frozen
+
+lint: venv
+	uv run ruff check .
+
+clean-workspace:
+	rm -rf workspace

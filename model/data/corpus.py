@@ -1,0 +1,447 @@
+"""The corpus stage: grammar → labelled sentences → TTS audio → augmentation → manifests.
+
+``build_corpus`` is the one function the CLI, the DVC stage and the flows call. It is
+resumable (finished audio is skipped), deterministic by seed (each utterance draws its
+voice and augmentation from a generator keyed by its own id), and loses nothing: an
+utterance that cannot be rendered is written to ``quarantine.jsonl`` with its reason,
+and the report's counts balance (planned = written + quarantined).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import soundfile as sf
+from pydantic import BaseModel
+from tqdm import tqdm
+
+from model.data.augment import Augmenter, RIRBank, augment_rng
+from model.data.grammar import DOMAINS, Grammar, GrammarReport, LabelledSentence
+from model.data.manifest import ManifestRow, read_manifest, write_manifest
+from model.data.seeding import stable_rng
+from model.data.splits import SPLITS, TemplateSplit, select_templates, split_templates
+from model.data.stats import CorpusStats, corpus_stats
+from model.data.tts import SynthJob, VoiceSpec, sample_voice, synthesize
+from voiceloop.settings import AugmentSettings, CorpusSettings, Settings
+
+__all__ = [
+    "CorpusLayout",
+    "CorpusReport",
+    "CorpusValidationError",
+    "PlannedUtterance",
+    "QuarantinedUtterance",
+    "build_corpus",
+    "load_corpus_rows",
+    "plan_corpus",
+    "validate_corpus",
+]
+
+log = logging.getLogger(__name__)
+
+
+class CorpusValidationError(RuntimeError):
+    """The built corpus failed its Great Expectations suite; see the report path."""
+
+
+@dataclass(frozen=True)
+class CorpusLayout:
+    """Where a corpus keeps its files, under ``root`` (``<workspace>/corpus/<profile>``)."""
+
+    root: Path
+
+    @property
+    def clean_dir(self) -> Path:
+        return self.root / "clean"
+
+    @property
+    def audio_dir(self) -> Path:
+        return self.root / "audio"
+
+    @property
+    def manifests_dir(self) -> Path:
+        return self.root / "manifests"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def rir_dir(self) -> Path:
+        return self.root / "rir"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine.jsonl"
+
+    def manifest(self, split: str) -> Path:
+        return self.manifests_dir / f"{split}.jsonl"
+
+    def manifests(self) -> list[Path]:
+        return [self.manifest(s) for s in SPLITS]
+
+
+@dataclass(frozen=True)
+class PlannedUtterance:
+    """An utterance to render: its labels, split and voice."""
+
+    id: str
+    sentence: LabelledSentence
+    split: str
+    voice: VoiceSpec
+
+
+class QuarantinedUtterance(BaseModel):
+    """An utterance that could not be added to the corpus, and why."""
+
+    id: str
+    transcript: str
+    intent: str
+    template_id: str
+    split: str
+    engine: str
+    voice: str
+    reason: str
+
+
+class CorpusReport(BaseModel):
+    """What one corpus build did; every count balances."""
+
+    profile: str
+    seed: int
+    templates: int
+    train_only_intents: list[str]
+    sentences_sampled: int
+    sentences_labelled: int
+    sentences_duplicate: int
+    sentences_dropped: dict[str, int]
+    planned: int
+    synthesized: int
+    resumed: int
+    written: int
+    quarantined: int
+    quarantine_reasons: dict[str, int]
+    validation_passed: bool | None = None
+    stats: CorpusStats
+
+
+@dataclass
+class _Plan:
+    utterances: list[PlannedUtterance]
+    grammar_report: GrammarReport
+    split: TemplateSplit
+    grammar: Grammar = field(repr=False)
+
+
+def _utterance_id(sentence: LabelledSentence) -> str:
+    digest = hashlib.sha1(f"{sentence.template_id}\x00{sentence.text}".encode()).hexdigest()
+    return f"u{digest[:12]}"
+
+
+def _per_template_counts(
+    templates: Sequence, settings: CorpusSettings
+) -> dict[str, int]:
+    per_intent = Counter(t.intent for t in templates)
+    counts = {}
+    for t in templates:
+        boost = math.ceil(settings.min_utterances_per_intent / per_intent[t.intent])
+        counts[t.id] = max(settings.utterances_per_template, boost)
+    return counts
+
+
+def plan_corpus(settings: Settings, grammar: Grammar | None = None) -> _Plan:
+    """Choose templates, split them, sample labelled sentences and assign voices.
+
+    Pure apart from reading the grammar: no audio is produced. Deterministic by
+    ``settings.seed``.
+    """
+    cs = settings.corpus
+    grammar = grammar or Grammar.load(cs.language)
+    templates = select_templates(
+        grammar.templates,
+        stable_rng(settings.seed, "select"),
+        max_templates=cs.max_templates,
+        max_intents=cs.max_intents,
+        intents=cs.intents,
+    )
+    split = split_templates(
+        templates, cs.split.valid, cs.split.test, stable_rng(settings.seed, "split")
+    )
+    sentences, report = grammar.generate(
+        templates, _per_template_counts(templates, cs), stable_rng(settings.seed, "sample")
+    )
+    if cs.max_utterances is not None and len(sentences) > cs.max_utterances:
+        keep = stable_rng(settings.seed, "cap").choice(
+            len(sentences), size=cs.max_utterances, replace=False
+        )
+        sentences = [sentences[i] for i in sorted(keep)]
+    planned: dict[str, PlannedUtterance] = {}
+    for sentence in sentences:
+        uid = _utterance_id(sentence)
+        if uid in planned:
+            continue  # same sentence from the same template: one recording is enough
+        voice = sample_voice(cs.tts, stable_rng(settings.seed, "voice", uid))
+        planned[uid] = PlannedUtterance(uid, sentence, split.split_of[sentence.template_id], voice)
+    return _Plan(list(planned.values()), report, split, grammar)
+
+
+# -- augmentation workers ---------------------------------------------------------------
+
+_AUGMENTER: Augmenter | None = None
+_AUG_SEED = 0
+
+
+def _init_augmenter(
+    settings: AugmentSettings, sample_rate: int, rir_dir: Path, babble: list[Path], seed: int
+) -> None:
+    global _AUGMENTER, _AUG_SEED
+    bank = RIRBank.build(settings.reverb, seed, sample_rate, rir_dir) if settings.reverb.p else None
+    _AUGMENTER = Augmenter(settings, sample_rate, bank, babble)
+    _AUG_SEED = seed
+
+
+def _augment_one(job: tuple[str, Path, Path]) -> tuple[str, Path, list, float]:
+    """Augment one clean file; returns (id, final audio path, steps, duration s)."""
+    uid, clean, out = job
+    assert _AUGMENTER is not None
+    audio, sr = sf.read(clean, dtype="float32")
+    augmented, steps = _AUGMENTER(audio, augment_rng(_AUG_SEED, uid))
+    if not steps:
+        return uid, clean, [], len(audio) / sr
+    if not out.exists():
+        tmp = out.with_name(out.name + ".tmp.wav")
+        sf.write(tmp, augmented, sr, subtype="PCM_16")
+        os.replace(tmp, out)
+    return uid, out, [s.model_dump() for s in steps], len(augmented) / sr
+
+
+def _augment_all(
+    jobs: list[tuple[str, Path, Path]],
+    settings: Settings,
+    layout: CorpusLayout,
+    babble: list[Path],
+    workers: int,
+    progress: bool,
+) -> dict[str, tuple[Path, list, float]]:
+    cs = settings.corpus
+    init_args = (cs.augment, cs.tts.sample_rate, layout.rir_dir, babble, settings.seed)
+    # Build the RIR bank once here so workers only load it from the cache.
+    if cs.augment.reverb.p:
+        RIRBank.build(cs.augment.reverb, settings.seed, cs.tts.sample_rate, layout.rir_dir,
+                      progress=progress)
+    results: dict[str, tuple[Path, list, float]] = {}
+    bar = tqdm(total=len(jobs), desc="augment", unit="utt", disable=not progress)
+    if workers <= 1 or len(jobs) < 64:
+        _init_augmenter(*init_args)
+        for job in jobs:
+            uid, path, steps, dur = _augment_one(job)
+            results[uid] = (path, steps, dur)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(
+            workers, mp_context=get_context("spawn"), initializer=_init_augmenter,
+            initargs=init_args,
+        ) as pool:
+            for uid, path, steps, dur in pool.map(_augment_one, jobs, chunksize=32):
+                results[uid] = (path, steps, dur)
+                bar.update()
+    bar.close()
+    return results
+
+
+# -- the stage --------------------------------------------------------------------------
+
+
+def build_corpus(settings: Settings, progress: bool = True, validate: bool = True) -> CorpusReport:
+    """Build (or resume) the corpus of ``settings.profile`` under ``settings.corpus_dir``.
+
+    Writes ``manifests/{train,valid,test}.jsonl``, ``quarantine.jsonl`` and
+    ``reports/`` (statistics, per-intent balance, validation). Raises
+    :class:`CorpusValidationError` when the Great Expectations suite fails.
+    """
+    cs = settings.corpus
+    layout = CorpusLayout(settings.corpus_dir)
+    for folder in (layout.clean_dir, layout.audio_dir, layout.manifests_dir, layout.reports_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    workers = cs.workers or os.cpu_count() or 1
+
+    plan = plan_corpus(settings)
+    log.info("planned %d utterances from %d templates", len(plan.utterances),
+             plan.grammar_report.templates)
+    jobs = [
+        SynthJob(u.id, u.sentence.text, u.voice, layout.clean_dir / f"{u.id}.wav")
+        for u in plan.utterances
+    ]
+    synth = synthesize(jobs, sample_rate=cs.tts.sample_rate, workers=workers, progress=progress)
+
+    quarantined: list[QuarantinedUtterance] = []
+    rendered: list[PlannedUtterance] = []
+    for utt, res in zip(plan.utterances, synth, strict=True):
+        reason = res.error
+        if reason is None and not (
+            cs.validation.min_duration_s <= res.duration_s <= cs.validation.max_duration_s
+        ):
+            reason = f"duration {res.duration_s:.2f}s outside " \
+                     f"[{cs.validation.min_duration_s}, {cs.validation.max_duration_s}]"
+        if reason is None:
+            rendered.append(utt)
+        else:
+            quarantined.append(_quarantine(utt, reason))
+
+    # Babble is made of other training utterances, never of held-out ones.
+    train_clean = sorted(layout.clean_dir / f"{u.id}.wav" for u in rendered if u.split == "train")
+    babble_rng = stable_rng(settings.seed, "babble")
+    babble = [train_clean[i] for i in sorted(babble_rng.permutation(len(train_clean))[:64])]
+    aug_jobs = [
+        (u.id, layout.clean_dir / f"{u.id}.wav", layout.audio_dir / f"{u.id}.wav")
+        for u in rendered
+    ]
+    augmented = _augment_all(aug_jobs, settings, layout, babble, workers, progress)
+
+    rows_by_split: dict[str, list[ManifestRow]] = {s: [] for s in SPLITS}
+    for utt in rendered:
+        path, steps, duration = augmented[utt.id]
+        rows_by_split[utt.split].append(_manifest_row(utt, path, steps, duration, layout))
+    for split, rows in rows_by_split.items():
+        write_manifest(layout.manifest(split), sorted(rows, key=lambda r: r.id))
+    _write_jsonl(layout.quarantine, [q.model_dump() for q in quarantined])
+
+    all_rows = [r for rows in rows_by_split.values() for r in rows]
+    stats = corpus_stats(all_rows)
+    report = CorpusReport(
+        profile=settings.profile,
+        seed=settings.seed,
+        templates=plan.grammar_report.templates,
+        train_only_intents=list(plan.split.train_only_intents),
+        sentences_sampled=plan.grammar_report.sampled,
+        sentences_labelled=plan.grammar_report.labelled,
+        sentences_duplicate=plan.grammar_report.duplicates,
+        sentences_dropped=dict(plan.grammar_report.dropped),
+        planned=len(plan.utterances),
+        synthesized=sum(1 for r in synth if r.error is None and not r.skipped),
+        resumed=sum(1 for r in synth if r.skipped),
+        written=len(all_rows),
+        quarantined=len(quarantined),
+        quarantine_reasons=dict(Counter(q.reason.split(":")[0] for q in quarantined)),
+        stats=stats,
+    )
+    if validate:
+        report.validation_passed = validate_corpus(layout, plan.grammar, settings)
+    _write_reports(layout, report)
+    if report.validation_passed is False:
+        raise CorpusValidationError(
+            f"corpus failed validation: see {layout.reports_dir / 'validation.md'}"
+        )
+    return report
+
+
+def validate_corpus(layout: CorpusLayout, grammar: Grammar, settings: Settings) -> bool:
+    """Run the Great Expectations manifest suite over all splits; write its report."""
+    from monitoring.manifest_suite import validate_manifests
+
+    result = validate_manifests(
+        layout.manifests(),
+        settings.corpus.validation,
+        intents=grammar.intent_names,
+        slot_types=grammar.slot_types,
+        domains=DOMAINS,
+    )
+    (layout.reports_dir / "validation.md").write_text(result.to_markdown(), encoding="utf-8")
+    (layout.reports_dir / "validation.json").write_text(
+        json.dumps(result.to_json(), indent=2, default=str), encoding="utf-8"
+    )
+    return result.success
+
+
+def load_corpus_rows(layout: CorpusLayout) -> list[ManifestRow]:
+    """All manifest rows of a built corpus, every split."""
+    return [row for path in layout.manifests() if path.exists() for row in read_manifest(path)]
+
+
+def _quarantine(utt: PlannedUtterance, reason: str) -> QuarantinedUtterance:
+    return QuarantinedUtterance(
+        id=utt.id,
+        transcript=utt.sentence.text,
+        intent=utt.sentence.intent,
+        template_id=utt.sentence.template_id,
+        split=utt.split,
+        engine=utt.voice.engine,
+        voice=utt.voice.voice,
+        reason=reason,
+    )
+
+
+def _manifest_row(
+    utt: PlannedUtterance, audio: Path, steps: list, duration: float, layout: CorpusLayout
+) -> ManifestRow:
+    return ManifestRow(
+        id=utt.id,
+        audio=os.path.relpath(audio, layout.manifests_dir),
+        duration_s=round(duration, 4),
+        transcript=utt.sentence.text,
+        intent=utt.sentence.intent,
+        slots=list(utt.sentence.slots),
+        engine=utt.voice.engine,
+        voice=utt.voice.voice,
+        augment=steps,
+        split=utt.split,
+        template_id=utt.sentence.template_id,
+        domain=utt.sentence.domain,
+        rate=round(utt.voice.rate, 3),
+        pitch=utt.voice.pitch,
+    )
+
+
+def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record) + "\n")
+    tmp.replace(path)
+
+
+def _write_reports(layout: CorpusLayout, report: CorpusReport) -> None:
+    reports = layout.reports_dir
+    (reports / "corpus_report.json").write_text(report.model_dump_json(indent=2), encoding="utf-8")
+    (reports / "stats.json").write_text(report.stats.model_dump_json(indent=2), encoding="utf-8")
+    validation = {True: "passed", False: "FAILED", None: "not run"}[report.validation_passed]
+    lines = [
+        report.stats.to_markdown(),
+        "## Build",
+        "",
+        (
+            f"- templates {report.templates}; sentences sampled {report.sentences_sampled}, "
+            f"labelled {report.sentences_labelled}, duplicates {report.sentences_duplicate}, "
+            f"dropped {report.sentences_dropped or 0}"
+        ),
+        (
+            f"- planned {report.planned} = written {report.written} + quarantined "
+            f"{report.quarantined} {report.quarantine_reasons or ''}"
+        ),
+        f"- synthesized {report.synthesized}, resumed from earlier runs {report.resumed}",
+        (
+            "- intents kept in train only (fewer than three templates): "
+            f"{', '.join(report.train_only_intents) or 'none'}"
+        ),
+        f"- validation: {validation}",
+    ]
+    (reports / "stats.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _metrics = {
+        "utterances": report.written,
+        "quarantined": report.quarantined,
+        "hours": round(report.stats.hours, 4),
+        "intents": report.stats.intents,
+        "imbalance_ratio": round(report.stats.imbalance_ratio, 3),
+        **{f"utterances_{s}": n for s, n in report.stats.utterances_by_split.items()},
+    }
+    (layout.root / "metrics.json").write_text(json.dumps(_metrics, indent=2), encoding="utf-8")
+
