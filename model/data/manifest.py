@@ -20,8 +20,8 @@ __all__ = [
     "AugmentStep",
     "ManifestRow",
     "Slot",
-    "iter_raw_manifest",
     "iter_manifest",
+    "iter_raw_manifest",
     "read_manifest",
     "write_manifest",
 ]

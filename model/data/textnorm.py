@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["normalise_text", "spell_number", "is_spoken_form"]
+__all__ = ["is_spoken_form", "normalise_text", "spell_number"]
 
 _ONES = [
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
