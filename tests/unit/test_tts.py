@@ -234,9 +234,11 @@ def _settings(**weights: float) -> TTSSettings:
 
 def test_sample_voice_is_deterministic_by_seed() -> None:
     settings = _settings()
-    draw = lambda seed: [
-        sample_voice(settings, rng) for rng in [np.random.default_rng(seed)] for _ in range(50)
-    ]
+
+    def draw(seed: int) -> list[VoiceSpec]:
+        rng = np.random.default_rng(seed)
+        return [sample_voice(settings, rng) for _ in range(50)]
+
     assert draw(7) == draw(7)
     assert draw(7) != draw(8)
 
