@@ -43,10 +43,10 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 
 
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # Third-party libraries (GX in particular) are chatty at INFO: only ours speak up.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("voiceloop", "model", "monitoring", "serving", "flows"):
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 @app.command()

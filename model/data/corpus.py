@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import soundfile as sf
@@ -28,6 +27,7 @@ from tqdm import tqdm
 from model.data.augment import Augmenter, RIRBank, augment_rng
 from model.data.grammar import DOMAINS, Grammar, GrammarReport, LabelledSentence
 from model.data.manifest import ManifestRow, read_manifest, write_manifest
+from model.data.parallel import pool_context
 from model.data.seeding import stable_rng
 from model.data.splits import SPLITS, TemplateSplit, select_templates, split_templates
 from model.data.stats import CorpusStats, corpus_stats
@@ -248,7 +248,7 @@ def _augment_all(
             bar.update()
     else:
         with ProcessPoolExecutor(
-            workers, mp_context=get_context("spawn"), initializer=_init_augmenter,
+            workers, mp_context=pool_context(__name__), initializer=_init_augmenter,
             initargs=init_args,
         ) as pool:
             for uid, path, steps, dur in pool.map(_augment_one, jobs, chunksize=32):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import multiprocessing
 import os
 import re
 import subprocess
@@ -40,6 +39,7 @@ import soundfile as sf
 from scipy.signal import resample_poly
 from tqdm import tqdm
 
+from model.data.parallel import pool_context
 from voiceloop.settings import TTSSettings
 
 __all__ = [
@@ -506,22 +506,6 @@ def _chunks(
     return tasks
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """A start method that is safe in a multi-threaded parent (torch, tqdm) and cheap.
-
-    ``fork`` from a threaded parent can deadlock. ``spawn`` re-imports this module in
-    every worker of every call (~2 s, mostly scipy.signal). ``forkserver`` imports it
-    once in a clean server process and forks workers from there; it needs the same
-    picklable, top-level task function as ``spawn``.
-    """
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    # Only takes effect if no forkserver runs yet in this process; harmless otherwise.
-    context.set_forkserver_preload(["__main__", __name__])
-    return context
-
-
 def synthesize(
     jobs: Sequence[SynthJob],
     *,
@@ -592,7 +576,7 @@ def synthesize(
                     results[i] = result
                 bar.update(len(items))
         else:
-            context = _pool_context()
+            context = pool_context(__name__)
             with ProcessPoolExecutor(min(n_workers, len(tasks)), mp_context=context) as pool:
                 futures = {
                     pool.submit(_run_chunk, engine, items, sample_rate): items

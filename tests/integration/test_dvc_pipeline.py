@@ -1,0 +1,85 @@
+"""`dvc repro corpus` on the tiny profile, in a scratch copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from voiceloop.settings import repo_root
+
+pytestmark = pytest.mark.integration
+
+_DVC = [sys.executable, "-m", "dvc"]
+_COPY = ["dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore"]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("VOICELOOP_WORKSPACE", None)
+    result = subprocess.run(
+        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, f"{' '.join(args)}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def scratch_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC repo with this project's pipeline files and code, profile = tiny,
+    after `dvc repro corpus`."""
+    root = tmp_path_factory.mktemp("repo")
+    src = repo_root()
+    for name in _COPY:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / name, root / name)
+    for package in ("model", "monitoring", "voiceloop"):
+        shutil.copytree(src / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["profile"] = "tiny"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / ".gitignore").write_text("/workspace/\n")
+    _run(["git", "init", "-q"], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], root)
+    _run([*_DVC, "repro", "corpus"], root)
+    return root
+
+
+def test_dvc_repro_corpus_builds_tracks_and_pushes(scratch_repo: Path) -> None:
+    dvc = _DVC
+    corpus = scratch_repo / "workspace" / "corpus" / "tiny"
+    assert (corpus / "manifests" / "train.jsonl").exists()
+    lock = yaml.safe_load((scratch_repo / "dvc.lock").read_text())
+    outs = {o["path"] for o in lock["stages"]["corpus"]["outs"]}
+    assert "workspace/corpus/tiny/manifests" in outs
+    assert "profiles" in lock["stages"]["corpus"]["params"]["params.yaml"]
+
+    status = _run([*dvc, "status", "corpus"], scratch_repo)
+    assert "changed" not in status.stdout
+
+    metrics = json.loads(_run([*dvc, "metrics", "show", "--json"], scratch_repo).stdout)
+    assert "utterances" in json.dumps(metrics)
+
+    _run([*dvc, "push", "-q"], scratch_repo)
+    remote = scratch_repo / "workspace" / "dvc-remote"
+    assert remote.exists() and any(remote.rglob("*"))
+
+    # Nothing changed: a second repro does not run the stage again.
+    again = _run([*dvc, "repro", "corpus"], scratch_repo)
+    assert "didn't change" in again.stdout or "up to date" in again.stdout.lower()
+
+
+def test_changing_a_corpus_param_invalidates_the_stage(scratch_repo: Path) -> None:
+    params_path = scratch_repo / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["profiles"]["tiny"]["corpus"]["augment"]["reverb"]["bank_size"] = 3
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    status = _run([*_DVC, "status", "corpus"], scratch_repo)
+    assert "modified" in status.stdout and "profiles" in status.stdout
