@@ -3,7 +3,8 @@
 Synthesis: draws N sentences from the grammar, assigns voices from params.yaml (the
 engine mix of the chosen profile), renders them into a fresh temporary folder with the
 corpus's worker pool, and reports utterances/s overall and per engine (each engine also
-timed alone), plus seconds of audio per wall second. Statistics: intents, slot types,
+timed alone), plus seconds of audio per wall second. A small warm-up run first measures
+the pool's one-time start-up, which is reported on its own row. Statistics: intents, slot types,
 templates per split and hours of audio per engine of a built corpus (run
 ``voiceloop corpus -p PROFILE`` first; skipped with a note if absent).
 
@@ -80,6 +81,12 @@ def main() -> None:
 
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="voiceloop-bench-") as tmp:
+        # One-time start-up (the worker pool's fork server imports scipy etc.) is timed
+        # apart: a corpus build pays it once, not per utterance.
+        warm = [sample_voice(tts, stable_rng(args.seed, "warm", i)) for i in range(2 * args.workers)]
+        runs["startup"] = _time_synthesis(
+            _jobs(texts[: len(warm)], warm, Path(tmp) / "warm"), args.workers, tts.sample_rate
+        )
         voices = [sample_voice(tts, stable_rng(args.seed, "voice", i)) for i in range(len(texts))]
         runs["mix"] = _time_synthesis(
             _jobs(texts, voices, Path(tmp) / "mix"), args.workers, tts.sample_rate
