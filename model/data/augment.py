@@ -84,7 +84,7 @@ _TELEPHONE_ORDER = 4
 _FRAME_S = 0.02
 _ACTIVE_RANGE_DB = 40.0
 
-_SOURCE_SEP = "|"
+SOURCE_SEP = "|"
 
 
 # --------------------------------------------------------------------------------------
@@ -368,8 +368,8 @@ class _Context:
         self.rir_bank = rir_bank
         self.babble_sources = [Path(p) for p in babble_sources]
         for p in self.babble_sources:
-            if _SOURCE_SEP in str(p):
-                raise ValueError(f"babble source path must not contain {_SOURCE_SEP!r}: {p}")
+            if SOURCE_SEP in str(p):
+                raise ValueError(f"babble source path must not contain {SOURCE_SEP!r}: {p}")
         self._babble_cache: dict[str, np.ndarray] = {}
         self._sos_cache: dict[tuple[float, float], np.ndarray] = {}
 
@@ -444,7 +444,7 @@ def _make_noise(length: int, params: Params, ctx: _Context) -> np.ndarray:
     if kind == "pink":
         return _pink(rng, length)
     if kind == "babble":
-        keys = str(params["sources"]).split(_SOURCE_SEP)
+        keys = str(params["sources"]).split(SOURCE_SEP)
         mix = np.zeros(length)
         for key in keys:
             talker = ctx.babble_audio(key)
@@ -678,7 +678,7 @@ class Augmenter:
                 low, high = s.noise.babble_talkers
                 talkers = min(int(rng.integers(low, high + 1)), len(sources))
                 chosen = rng.choice(len(sources), size=talkers, replace=False)
-                params["sources"] = _SOURCE_SEP.join(str(sources[i]) for i in chosen)
+                params["sources"] = SOURCE_SEP.join(str(sources[i]) for i in chosen)
                 params["talkers"] = talkers
             return params
         if kind == "telephone":

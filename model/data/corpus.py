@@ -24,9 +24,9 @@ import soundfile as sf
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from model.data.augment import Augmenter, RIRBank, augment_rng
+from model.data.augment import SOURCE_SEP, Augmenter, RIRBank, augment_rng
 from model.data.grammar import DOMAINS, Grammar, GrammarReport, LabelledSentence
-from model.data.manifest import ManifestRow, read_manifest, write_manifest
+from model.data.manifest import AugmentStep, ManifestRow, read_manifest, write_manifest
 from model.data.parallel import pool_context
 from model.data.seeding import stable_rng
 from model.data.splits import SPLITS, TemplateSplit, select_templates, split_templates
@@ -209,7 +209,7 @@ def _init_augmenter(
     _AUG_SEED = seed
 
 
-def _augment_one(job: tuple[str, Path, Path]) -> tuple[str, Path, list, float]:
+def _augment_one(job: tuple[str, Path, Path]) -> tuple[str, Path, list[AugmentStep], float]:
     """Augment one clean file; returns (id, final audio path, steps, duration s)."""
     uid, clean, out = job
     assert _AUGMENTER is not None
@@ -221,7 +221,19 @@ def _augment_one(job: tuple[str, Path, Path]) -> tuple[str, Path, list, float]:
         tmp = out.with_name(out.name + ".tmp.wav")
         sf.write(tmp, augmented, sr, subtype="PCM_16")
         os.replace(tmp, out)
-    return uid, out, [s.model_dump() for s in steps], len(augmented) / sr
+    return uid, out, steps, len(augmented) / sr
+
+
+def _portable(step: AugmentStep, manifests_dir: Path) -> dict:
+    """A step as recorded in the manifest: babble source paths relative to the manifest's
+    folder, like ``audio``, so a corpus can be moved or rebuilt elsewhere byte-identically."""
+    record = step.model_dump()
+    sources = record["params"].get("sources")
+    if isinstance(sources, str):
+        record["params"]["sources"] = SOURCE_SEP.join(
+            os.path.relpath(src, manifests_dir) for src in sources.split(SOURCE_SEP)
+        )
+    return record
 
 
 def _augment_all(
@@ -231,14 +243,14 @@ def _augment_all(
     babble: list[Path],
     workers: int,
     progress: bool,
-) -> dict[str, tuple[Path, list, float]]:
+) -> dict[str, tuple[Path, list[AugmentStep], float]]:
     cs = settings.corpus
     init_args = (cs.augment, cs.tts.sample_rate, layout.rir_dir, babble, settings.seed)
     # Build the RIR bank once here so workers only load it from the cache.
     if cs.augment.reverb.p:
         RIRBank.build(cs.augment.reverb, settings.seed, cs.tts.sample_rate, layout.rir_dir,
                       progress=progress)
-    results: dict[str, tuple[Path, list, float]] = {}
+    results: dict[str, tuple[Path, list[AugmentStep], float]] = {}
     bar = tqdm(total=len(jobs), desc="augment", unit="utt", disable=not progress)
     if workers <= 1 or len(jobs) < 64:
         _init_augmenter(*init_args)
@@ -381,7 +393,11 @@ def _quarantine(utt: PlannedUtterance, reason: str) -> QuarantinedUtterance:
 
 
 def _manifest_row(
-    utt: PlannedUtterance, audio: Path, steps: list, duration: float, layout: CorpusLayout
+    utt: PlannedUtterance,
+    audio: Path,
+    steps: list[AugmentStep],
+    duration: float,
+    layout: CorpusLayout,
 ) -> ManifestRow:
     return ManifestRow(
         id=utt.id,
@@ -392,7 +408,7 @@ def _manifest_row(
         slots=list(utt.sentence.slots),
         engine=utt.voice.engine,
         voice=utt.voice.voice,
-        augment=steps,
+        augment=[_portable(step, layout.manifests_dir) for step in steps],
         split=utt.split,
         template_id=utt.sentence.template_id,
         domain=utt.sentence.domain,

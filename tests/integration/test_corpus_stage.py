@@ -101,11 +101,18 @@ def test_rebuild_resumes_and_is_deterministic(
     assert after == before
 
 
-def test_cli_builds_tiny_corpus(tmp_path: Path) -> None:
+def test_cli_builds_same_corpus_in_another_workspace(
+    tiny: tuple[Settings, CorpusReport], tmp_path: Path
+) -> None:
     result = CliRunner().invoke(app, ["corpus", "--profile", "tiny", "-w", str(tmp_path), "-q"])
     assert result.exit_code == 0, result.output
     assert re.search(r"corpus 'tiny': \d+ utterances", result.output)
-    assert (tmp_path / "corpus" / "tiny" / "manifests" / "test.jsonl").exists()
+    # Same seed, different folder: the manifests (paths are relative) are byte-identical.
+    settings, _ = tiny
+    here = CorpusLayout(tmp_path / "corpus" / "tiny")
+    there = CorpusLayout(settings.corpus_dir)
+    for split in ("train", "valid", "test"):
+        assert here.manifest(split).read_bytes() == there.manifest(split).read_bytes(), split
 
 
 def test_validate_manifest_cli_names_planted_errors(
