@@ -148,6 +148,112 @@ def stats(
     typer.echo(json.dumps(result.model_dump(), indent=2) if as_json else result.to_markdown())
 
 
+@app.command()
+def train(
+    profile: ProfileOpt = None,
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the last checkpoint if there is one.")
+    ] = True,
+    track: Annotated[bool, typer.Option(help="Log the run to MLflow and register the model.")] = True,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the teacher (Conformer encoder; CTC, intent and parse heads) on the corpus.
+
+    Multitask loss with learned task weights, a short-and-clean-first curriculum, AdamW
+    with warm-up and cosine decay, bf16 autocast, checkpoints every epoch (a crashed run
+    resumes), early stopping on validation SemER. Writes `WORKSPACE/models/PROFILE/teacher/`
+    (`model/`, `history.csv`, `train_metrics.json`, `learning_curves.png`) and logs
+    everything to MLflow; the model is registered as `voiceloop-slu-teacher@current`.
+    """
+    from model.train import train_teacher
+
+    _setup_logging(quiet)
+    settings = load_settings(params, profile, workspace)
+    result = train_teacher(settings, progress=not quiet, resume=resume, track=track)
+    v = result.best_valid
+    typer.echo(
+        f"teacher '{settings.profile}': {result.parameters / 1e6:.2f} M parameters, "
+        f"{result.epochs_run} epochs in {result.wall_s / 60:.1f} min ({result.stopped}); "
+        f"best epoch {result.best_epoch}: valid SemER {v.get('valid_semer', float('nan')):.3f}, "
+        f"WER {v.get('valid_wer', float('nan')):.3f}, "
+        f"intent acc {v.get('valid_intent_accuracy', float('nan')):.3f}\n  → {result.model_dir}"
+    )
+
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m",
+        help="Model folder, or an MLflow URI such as models:/voiceloop-slu-teacher@current.",
+    ),
+]
+
+
+@app.command()
+def evaluate(
+    model: ModelOpt,
+    split: Annotated[str, typer.Option(help="Corpus split to score: train, valid or test.")] = "test",
+    profile: ProfileOpt = None,
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Report folder (default: next to the model).")
+    ] = None,
+    track: Annotated[bool, typer.Option(help="Log the report to the model's MLflow run.")] = True,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score a model on a corpus split: WER/CER, intent accuracy, slot P/R/F1, SLU-F1,
+    SemER, exact-frame accuracy, calibration (ECE), per slice (engine, voice, domain,
+    augmentation, duration).
+
+    Writes `metrics.json`, `evaluation.json`, `evaluation.md`, `confusion_matrix.png` and
+    `reliability.png`, and logs them to MLflow.
+    """
+    from model.evaluate import evaluate_model
+
+    _setup_logging(quiet)
+    settings = load_settings(params, profile, workspace)
+    result = evaluate_model(settings, model, split, out, progress=not quiet, track=track)
+    o = result.report.overall
+    typer.echo(
+        f"{split} ({o.n} utterances): WER {o.wer:.1%}, intent accuracy {o.intent_accuracy:.1%}, "
+        f"slot F1 {o.slot_f1:.1%}, SLU-F1 {o.slu_f1:.1%}, SemER {o.semer:.1%}, "
+        f"exact {o.exact_match:.1%}, ECE {o.ece:.3f}\n  → {result.out_dir / 'evaluation.md'}"
+    )
+
+
+@app.command()
+def predict(
+    model: ModelOpt,
+    manifest: Annotated[
+        Path, typer.Option(help="JSON Lines input; each line has at least `id` and `audio`.")
+    ],
+    out: Annotated[Path, typer.Option(help="JSON Lines output, one prediction per input line.")],
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Utterances per forward pass.")] = 16,
+    quiet: QuietOpt = False,
+) -> None:
+    """Batch prediction: audio files → transcript, intent, slots, confidence.
+
+    Input `audio` is a WAV/FLAC path (relative paths are taken from the manifest's folder),
+    any sample rate, mono or stereo. Each output line is `{"id", "transcript", "intent",
+    "slots": [{"type", "value"}], "confidence", "model_version", "clarify"}`; a line whose
+    audio cannot be read, or that lacks `id`/`audio`, gets an `error` field instead of
+    stopping the run.
+    """
+    from model.predict import predict_manifest
+
+    _setup_logging(quiet)
+    settings = load_settings(params, None, workspace)
+    summary = predict_manifest(settings, model, manifest, out, batch_size, progress=not quiet)
+    typer.echo(
+        f"{summary.written} predictions ({summary.errors} with errors) → {out}"
+    )
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

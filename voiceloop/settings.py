@@ -18,11 +18,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 __all__ = [
     "AugmentSettings",
     "CorpusSettings",
+    "DecodeSettings",
+    "FeatureSettings",
+    "LossSettings",
+    "ModelSettings",
     "NoiseSettings",
     "ReverbSettings",
     "Settings",
+    "SpecAugmentSettings",
     "SplitSettings",
     "TTSSettings",
+    "TrackingSettings",
+    "TrainSettings",
     "ValidationSettings",
     "load_settings",
     "repo_root",
@@ -160,6 +167,102 @@ class CorpusSettings(_Strict):
     validation: ValidationSettings = ValidationSettings()
 
 
+class SpecAugmentSettings(_Strict):
+    """Time/frequency masking in training (see ``model.features.SpecAugment``)."""
+
+    freq_masks: int = Field(2, ge=0)
+    freq_width: int = Field(15, ge=0)
+    time_masks: int = Field(2, ge=0)
+    time_width_frac: float = Field(0.05, ge=0, le=0.5)
+    time_width_max: int = Field(20, ge=0)
+
+
+class FeatureSettings(_Strict):
+    """Log-mel features: ``n_mels`` bins, ``win_ms``/``hop_ms`` in milliseconds."""
+
+    n_mels: int = Field(80, ge=8)
+    win_ms: float = 25.0
+    hop_ms: float = 10.0
+    normalise: Literal["utterance", "none"] = "utterance"
+    specaugment: SpecAugmentSettings = SpecAugmentSettings()
+
+
+class ModelSettings(_Strict):
+    """Network shape (teacher). ``subsampling`` is the encoder's time reduction."""
+
+    d_model: int = Field(144, ge=16)
+    encoder_layers: int = Field(6, ge=1)
+    heads: int = Field(4, ge=1)
+    ffn_mult: int = Field(4, ge=1)
+    conv_kernel: int = Field(15, ge=3)
+    subsampling: Literal[4, 6, 8] = 4
+    dropout: float = Field(0.1, ge=0, lt=1)
+    decoder_layers: int = Field(2, ge=1)
+    decoder_heads: int = Field(4, ge=1)
+    decoder_ffn: int = Field(576, ge=16)
+    max_parse_len: int = Field(48, ge=8)
+
+
+class LossSettings(_Strict):
+    """Multitask loss.
+
+    ``weighting``: ``uncertainty`` learns one log-variance per task (Kendall et al.
+    2018) starting from ``weights``; ``schedule`` moves linearly from ``weights`` to
+    ``final_weights`` over ``schedule_epochs`` (acoustics early, semantics later);
+    ``fixed`` keeps ``weights``. ``label_smoothing`` applies to the parse decoder.
+    """
+
+    weighting: Literal["uncertainty", "schedule", "fixed"] = "uncertainty"
+    weights: dict[Literal["ctc", "intent", "parse"], float] = {
+        "ctc": 1.0, "intent": 0.5, "parse": 0.5
+    }
+    final_weights: dict[Literal["ctc", "intent", "parse"], float] = {
+        "ctc": 0.5, "intent": 1.0, "parse": 1.0
+    }
+    schedule_epochs: int = Field(5, ge=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+
+
+class TrainSettings(_Strict):
+    """Optimisation. ``batch_max_frames`` bounds padded frames (10 ms each) per batch;
+    ``curriculum_epochs`` run short, clean utterances first (sorted, not shuffled);
+    ``max_minutes`` stops training (after the running epoch) when the budget is spent."""
+
+    epochs: int = Field(30, ge=1)
+    batch_max_frames: int = Field(12000, ge=100)
+    lr: float = Field(1.5e-3, gt=0)
+    warmup_steps: int = Field(400, ge=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(5.0, gt=0)
+    curriculum_epochs: int = Field(1, ge=0)
+    early_stopping_patience: int = Field(5, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
+    threads: int = Field(2, ge=1)
+    bf16: bool = True
+    log_every_steps: int = Field(20, ge=1)
+    eval_max_utterances: int | None = Field(None, ge=1)
+    loss: LossSettings = LossSettings()
+
+
+class DecodeSettings(_Strict):
+    """Inference. The clarify threshold is the lowest intent confidence at which the
+    accepted validation utterances still reach ``clarify_target_accuracy``."""
+
+    max_parse_len: int = Field(40, ge=4)
+    clarify_target_accuracy: float = Field(0.98, gt=0, le=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class TrackingSettings(_Strict):
+    """MLflow. ``tracking_uri`` empty → SQLite in ``<workspace>/mlflow/mlflow.db`` with
+    artifacts in ``<workspace>/mlflow/artifacts``."""
+
+    tracking_uri: str | None = None
+    experiment: str = "voiceloop"
+    registered_model: str = "voiceloop-slu"
+
+
 class Settings(_Strict):
     """Everything one run needs: profile name, seed, workspace and stage settings."""
 
@@ -167,11 +270,29 @@ class Settings(_Strict):
     seed: int
     workspace: Path
     corpus: CorpusSettings
+    features: FeatureSettings = FeatureSettings()
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    decode: DecodeSettings = DecodeSettings()
+    tracking: TrackingSettings = TrackingSettings()
 
     @property
     def corpus_dir(self) -> Path:
         """Where the corpus of this profile lives: ``<workspace>/corpus/<profile>``."""
         return self.workspace / "corpus" / self.profile
+
+    @property
+    def models_dir(self) -> Path:
+        """Where this profile's trained models live: ``<workspace>/models/<profile>``."""
+        return self.workspace / "models" / self.profile
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.tracking_uri or f"sqlite:///{self.workspace / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.workspace / "mlflow" / "artifacts"
 
 
 def repo_root() -> Path:

@@ -1,0 +1,105 @@
+"""Log-mel filterbank features, per-utterance normalisation, and SpecAugment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchaudio
+from torch import Tensor
+
+__all__ = ["FeatureConfig", "FeatureExtractor", "SpecAugment"]
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Feature settings.
+
+    Attributes:
+        sample_rate: input rate in Hz.
+        n_mels: mel bins F.
+        win_ms: analysis window in ms (25 ms = 400 samples at 16 kHz).
+        hop_ms: frame shift in ms (10 ms → 100 frames/s).
+        normalise: ``utterance`` (mean/variance per utterance and bin: removes channel
+            and gain, so works without any global statistics) or ``none``.
+    """
+
+    sample_rate: int = 16000
+    n_mels: int = 80
+    win_ms: float = 25.0
+    hop_ms: float = 10.0
+    normalise: str = "utterance"
+
+    def __post_init__(self) -> None:
+        if self.normalise not in ("utterance", "none"):
+            raise ValueError(f"normalise must be 'utterance' or 'none', got {self.normalise!r}")
+
+
+class FeatureExtractor:
+    """Waveform ``(N,)`` float32 at ``sample_rate`` → features ``(T, F)`` float32.
+
+    ``T = 1 + N // hop`` frames (centred STFT), ``F = n_mels``; values are natural-log
+    mel energies, normalised per utterance when configured.
+    """
+
+    def __init__(self, cfg: FeatureConfig) -> None:
+        self.cfg = cfg
+        win = round(cfg.sample_rate * cfg.win_ms / 1000)
+        self.hop = round(cfg.sample_rate * cfg.hop_ms / 1000)
+        self._mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=cfg.sample_rate, n_fft=512, win_length=win, hop_length=self.hop,
+            n_mels=cfg.n_mels, power=2.0,
+        )
+
+    def __call__(self, waveform: np.ndarray | Tensor) -> Tensor:
+        x = torch.as_tensor(waveform, dtype=torch.float32)
+        if x.dim() != 1:
+            raise ValueError(f"waveform must be 1-D, got shape {tuple(x.shape)}")
+        with torch.no_grad():
+            feats = torch.log(self._mel(x) + 1e-6).T  # (T, F)
+            if self.cfg.normalise == "utterance":
+                feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-5)
+        return feats.contiguous()
+
+
+class SpecAugment:
+    """Frequency and time masking (Park et al. 2019), training only.
+
+    Masks are drawn per utterance inside its valid length; masked values are set to 0
+    (the mean after normalisation).
+
+    Args:
+        freq_masks: number of frequency masks, each up to ``freq_width`` bins.
+        time_masks: number of time masks, each up to ``min(time_width_max,
+            time_width_frac × length)`` frames.
+    """
+
+    def __init__(
+        self,
+        freq_masks: int = 2,
+        freq_width: int = 15,
+        time_masks: int = 2,
+        time_width_frac: float = 0.05,
+        time_width_max: int = 20,
+    ) -> None:
+        self.freq_masks, self.freq_width = freq_masks, freq_width
+        self.time_masks, self.time_width_frac = time_masks, time_width_frac
+        self.time_width_max = time_width_max
+
+    def __call__(self, feats: Tensor, lengths: Tensor, generator: torch.Generator) -> Tensor:
+        """``(B, T, F)`` features, ``(B,)`` lengths → masked copy ``(B, T, F)``."""
+        out = feats.clone()
+        n_freq = feats.size(-1)
+        for b in range(feats.size(0)):
+            length = int(lengths[b])
+            for _ in range(self.freq_masks):
+                width = int(torch.randint(0, self.freq_width + 1, (1,), generator=generator))
+                start = int(torch.randint(0, max(1, n_freq - width), (1,), generator=generator))
+                out[b, :length, start : start + width] = 0.0
+            max_t = min(self.time_width_max, int(self.time_width_frac * length))
+            for _ in range(self.time_masks):
+                width = int(torch.randint(0, max_t + 1, (1,), generator=generator))
+                start = int(torch.randint(0, max(1, length - width), (1,), generator=generator))
+                out[b, start : start + width, :] = 0.0
+        return out

@@ -1,0 +1,388 @@
+"""The joint ASR + NLU network: a shared Conformer encoder and three task heads.
+
+::
+
+    features (B, T, F) ──► ConvSubsampling (×4) ──► Conformer blocks ──► encoder (B, T', D)
+                                                                          │
+                      ┌──────────────────────────┬────────────────────────┤
+                      ▼                          ▼                        ▼
+            CTC head (B, T', C)       intent head (B, I)        parse decoder (B, U, P)
+            characters                attention pooling          Transformer decoder with
+                                                                  cross-attention
+
+Padding never changes an output: padded frames are masked in attention, zeroed before
+every depthwise convolution, and excluded from pooling, so a batch gives the same result
+as its utterances one by one (tested). Normalisation is LayerNorm everywhere (no
+BatchNorm, whose batch statistics would see the padding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ConformerBlock",
+    "ConformerEncoder",
+    "ConvSubsampling",
+    "EncoderConfig",
+    "IntentHead",
+    "JointModel",
+    "JointOutput",
+    "ModelConfig",
+    "ParseDecoder",
+    "lengths_to_padding_mask",
+]
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Encoder hyper-parameters.
+
+    Attributes:
+        n_mels: input feature dimension F (log-mel bins).
+        d_model: model width D.
+        layers: number of Conformer blocks.
+        heads: attention heads (must divide ``d_model``).
+        ffn_mult: feed-forward width as a multiple of ``d_model``.
+        conv_kernel: depthwise convolution kernel size (odd), in encoder frames.
+        subsampling: time reduction of the front end, 4 (two stride-2 convs) or 6/8.
+        dropout: dropout probability.
+        causal_conv: depthwise convolutions see only the past (for streaming).
+    """
+
+    n_mels: int = 80
+    d_model: int = 144
+    layers: int = 6
+    heads: int = 4
+    ffn_mult: int = 4
+    conv_kernel: int = 15
+    subsampling: int = 4
+    dropout: float = 0.1
+    causal_conv: bool = False
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model {self.d_model} not divisible by heads {self.heads}")
+        if self.conv_kernel % 2 == 0:
+            raise ValueError(f"conv_kernel must be odd, got {self.conv_kernel}")
+        if self.subsampling not in (4, 6, 8):
+            raise ValueError(f"subsampling must be 4, 6 or 8, got {self.subsampling}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Whole-model hyper-parameters plus output sizes.
+
+    Attributes:
+        encoder: encoder settings.
+        n_chars: CTC vocabulary size C (blank included).
+        n_intents: number of intents I.
+        n_parse_tokens: parse-decoder vocabulary size P.
+        decoder_layers: Transformer decoder layers.
+        decoder_heads: decoder attention heads.
+        decoder_ffn: decoder feed-forward width.
+        max_parse_len: longest parse sequence U the decoder's positions cover.
+    """
+
+    encoder: EncoderConfig
+    n_chars: int
+    n_intents: int
+    n_parse_tokens: int
+    decoder_layers: int = 2
+    decoder_heads: int = 4
+    decoder_ffn: int = 576
+    max_parse_len: int = 48
+
+
+def lengths_to_padding_mask(lengths: Tensor, max_len: int | None = None) -> Tensor:
+    """``(B,)`` lengths → ``(B, T)`` bool mask, True where the frame is padding."""
+    max_len = int(lengths.max()) if max_len is None else max_len
+    return torch.arange(max_len, device=lengths.device)[None, :] >= lengths[:, None]
+
+
+class ConvSubsampling(nn.Module):
+    """Convolutional front end: stride-2 3×3 convolutions, then a linear projection.
+
+    Args:
+        n_mels: input feature dimension F.
+        d_model: output dimension D.
+        factor: total time reduction (4 = two stride-2 convs; 6 = stride 2 then 3; 8 = three).
+
+    Forward: ``x`` ``(B, T, F)``, ``lengths`` ``(B,)`` → ``(B, T', D)``, ``(B,)`` with
+    ``T' = ((T - 1) // 2 - 1) // 2`` for factor 4 (each 3-wide, stride-s, unpadded conv maps
+    ``L`` to ``(L - 3) // s + 1``). Each output frame depends only on input frames inside
+    the utterance, so padding cannot leak in.
+    """
+
+    def __init__(self, n_mels: int, d_model: int, factor: int = 4, channels: int = 32) -> None:
+        super().__init__()
+        strides = {4: (2, 2), 6: (2, 3), 8: (2, 2, 2)}[factor]
+        layers: list[nn.Module] = []
+        in_channels, freq = 1, n_mels
+        for stride in strides:
+            # Time stride varies with the factor; frequency is always halved.
+            layers += [nn.Conv2d(in_channels, channels, 3, stride=(stride, 2)), nn.ReLU()]
+            in_channels = channels
+            freq = (freq - 3) // 2 + 1
+        self.strides = strides
+        self.conv = nn.Sequential(*layers)
+        self.proj = nn.Linear(channels * freq, d_model)
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        for stride in self.strides:
+            lengths = torch.div(lengths - 3, stride, rounding_mode="floor") + 1
+        return lengths.clamp(min=0)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        y = self.conv(x.unsqueeze(1))  # (B, channels, T', F')
+        b, c, t, f = y.shape
+        y = self.proj(y.transpose(1, 2).reshape(b, t, c * f))
+        return y, self.output_lengths(lengths)
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, d: int, mult: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(d),
+            nn.Linear(d, d * mult),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Linear(d * mult, d),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class _ConvModule(nn.Module):
+    """Pointwise-GLU → depthwise conv → LayerNorm → SiLU → pointwise; padding zeroed first."""
+
+    def __init__(self, d: int, kernel: int, dropout: float, causal: bool) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.pointwise_in = nn.Linear(d, 2 * d)
+        self.causal = causal
+        self.kernel = kernel
+        self.depthwise = nn.Conv1d(d, d, kernel, groups=d, padding=0)
+        self.depth_norm = nn.LayerNorm(d)
+        self.pointwise_out = nn.Linear(d, d)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, pad_mask: Tensor | None) -> Tensor:
+        y = nn.functional.glu(self.pointwise_in(self.norm(x)), dim=-1)  # (B, T, D)
+        if pad_mask is not None:
+            y = y.masked_fill(pad_mask[..., None], 0.0)
+        y = y.transpose(1, 2)  # (B, D, T)
+        left = self.kernel - 1 if self.causal else (self.kernel - 1) // 2
+        right = self.kernel - 1 - left
+        y = self.depthwise(nn.functional.pad(y, (left, right)))
+        y = nn.functional.silu(self.depth_norm(y.transpose(1, 2)))
+        return self.dropout(self.pointwise_out(y))
+
+
+class ConformerBlock(nn.Module):
+    """One Conformer block (Gulati et al. 2020): ½FFN → MHSA → Conv → ½FFN → LayerNorm.
+
+    Forward: ``x`` ``(B, T, D)``, ``pad_mask`` ``(B, T)`` (True = padding) or None,
+    ``attn_mask`` ``(T, T)`` bool (True = may not attend; e.g. chunked streaming) or None
+    → ``(B, T, D)``.
+    """
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.ff1 = _FeedForward(d, cfg.ffn_mult, cfg.dropout)
+        self.attn_norm = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, cfg.heads, dropout=cfg.dropout, batch_first=True)
+        self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.conv = _ConvModule(d, cfg.conv_kernel, cfg.dropout, cfg.causal_conv)
+        self.ff2 = _FeedForward(d, cfg.ffn_mult, cfg.dropout)
+        self.out_norm = nn.LayerNorm(d)
+
+    def forward(
+        self, x: Tensor, pad_mask: Tensor | None = None, attn_mask: Tensor | None = None
+    ) -> Tensor:
+        x = x + 0.5 * self.ff1(x)
+        q = self.attn_norm(x)
+        a, _ = self.attn(q, q, q, key_padding_mask=pad_mask, attn_mask=attn_mask,
+                         need_weights=False)
+        x = x + self.attn_dropout(a)
+        x = x + self.conv(x, pad_mask)
+        x = x + 0.5 * self.ff2(x)
+        return self.out_norm(x)
+
+
+class ConformerEncoder(nn.Module):
+    """Subsampling front end + a stack of Conformer blocks.
+
+    Forward: ``feats`` ``(B, T, F)``, ``lengths`` ``(B,)`` (frames) →
+    ``(B, T', D)`` encodings and ``(B,)`` encoder lengths. Padded output frames are zero.
+    """
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.subsampling = ConvSubsampling(cfg.n_mels, cfg.d_model, cfg.subsampling)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(ConformerBlock(cfg) for _ in range(cfg.layers))
+
+    def forward(
+        self, feats: Tensor, lengths: Tensor, attn_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        if feats.dim() != 3 or feats.size(-1) != self.cfg.n_mels:
+            raise ValueError(f"feats must be (B, T, {self.cfg.n_mels}), got {tuple(feats.shape)}")
+        x, out_lengths = self.subsampling(feats, lengths)
+        if x.size(1) == 0 or bool((out_lengths <= 0).any()):
+            raise ValueError("utterance too short for the subsampling front end")
+        pad_mask = lengths_to_padding_mask(out_lengths, x.size(1))
+        x = self.dropout(x).masked_fill(pad_mask[..., None], 0.0)
+        for block in self.blocks:
+            x = block(x, pad_mask, attn_mask)
+        return x.masked_fill(pad_mask[..., None], 0.0), out_lengths
+
+
+class IntentHead(nn.Module):
+    """Attention pooling over encoder frames, then a two-layer classifier.
+
+    Forward: ``enc`` ``(B, T', D)``, ``pad_mask`` ``(B, T')`` → logits ``(B, I)``.
+    """
+
+    def __init__(self, d: int, n_intents: int, dropout: float) -> None:
+        super().__init__()
+        self.score = nn.Linear(d, 1)
+        self.classifier = nn.Sequential(
+            nn.Linear(d, d), nn.SiLU(), nn.Dropout(dropout), nn.Linear(d, n_intents)
+        )
+
+    def forward(self, enc: Tensor, pad_mask: Tensor) -> Tensor:
+        scores = self.score(enc).squeeze(-1).masked_fill(pad_mask, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)  # (B, T')
+        pooled = torch.einsum("bt,btd->bd", weights, enc)
+        return self.classifier(pooled)
+
+
+def _sinusoids(length: int, dim: int) -> Tensor:
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * div)
+    table[:, 1::2] = torch.cos(position * div)
+    return table
+
+
+class ParseDecoder(nn.Module):
+    """Autoregressive Transformer decoder emitting the semantic parse as tokens.
+
+    The parse ``[HassLightSet] [area] kitchen [brightness] fifty [eos]`` is produced
+    token by token, attending to the encoder output.
+
+    Forward: ``tokens`` ``(B, U)`` (starting with ``<bos>``), ``enc`` ``(B, T', D)``,
+    ``enc_pad_mask`` ``(B, T')``, ``token_pad_mask`` ``(B, U)`` or None →
+    logits ``(B, U, P)``.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.encoder.d_model
+        self.embed = nn.Embedding(cfg.n_parse_tokens, d)
+        self.register_buffer("positions", _sinusoids(cfg.max_parse_len + 1, d), persistent=False)
+        layer = nn.TransformerDecoderLayer(
+            d, cfg.decoder_heads, cfg.decoder_ffn, cfg.encoder.dropout,
+            batch_first=True, norm_first=True,
+        )
+        self.decoder = nn.TransformerDecoder(layer, cfg.decoder_layers, norm=nn.LayerNorm(d))
+        self.out = nn.Linear(d, cfg.n_parse_tokens)
+        self.scale = math.sqrt(d)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        enc: Tensor,
+        enc_pad_mask: Tensor,
+        token_pad_mask: Tensor | None = None,
+    ) -> Tensor:
+        u = tokens.size(1)
+        if u > self.positions.size(0):
+            raise ValueError(f"parse of {u} tokens exceeds max_parse_len {self.positions.size(0)}")
+        x = self.embed(tokens) * self.scale + self.positions[:u]
+        causal = torch.triu(torch.ones(u, u, dtype=torch.bool, device=tokens.device), 1)
+        y = self.decoder(
+            x, enc, tgt_mask=causal, tgt_key_padding_mask=token_pad_mask,
+            memory_key_padding_mask=enc_pad_mask, tgt_is_causal=True,
+        )
+        return self.out(y)
+
+
+@dataclass
+class JointOutput:
+    """Outputs of :class:`JointModel`.
+
+    Attributes:
+        encoder: ``(B, T', D)`` encodings (zero on padding).
+        encoder_lengths: ``(B,)`` valid encoder frames.
+        ctc_logits: ``(B, T', C)`` character logits.
+        intent_logits: ``(B, I)``.
+        parse_logits: ``(B, U, P)`` or None when no parse input was given.
+    """
+
+    encoder: Tensor
+    encoder_lengths: Tensor
+    ctc_logits: Tensor
+    intent_logits: Tensor
+    parse_logits: Tensor | None
+
+
+class JointModel(nn.Module):
+    """Shared encoder with CTC, intent and parse heads (see module docstring)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.encoder.d_model
+        self.encoder = ConformerEncoder(cfg.encoder)
+        self.ctc_head = nn.Linear(d, cfg.n_chars)
+        self.intent_head = IntentHead(d, cfg.n_intents, cfg.encoder.dropout)
+        self.parse_decoder = ParseDecoder(cfg)
+
+    def encode(
+        self, feats: Tensor, lengths: Tensor, attn_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(B, T, F)``, ``(B,)`` → encodings ``(B, T', D)``, lengths ``(B,)``, pad mask."""
+        enc, enc_lengths = self.encoder(feats, lengths, attn_mask)
+        return enc, enc_lengths, lengths_to_padding_mask(enc_lengths, enc.size(1))
+
+    def forward(
+        self,
+        feats: Tensor,
+        lengths: Tensor,
+        parse_in: Tensor | None = None,
+        parse_pad_mask: Tensor | None = None,
+    ) -> JointOutput:
+        """Run all heads.
+
+        Args:
+            feats: ``(B, T, F)`` normalised log-mel features.
+            lengths: ``(B,)`` valid frames per utterance.
+            parse_in: ``(B, U)`` decoder input tokens (teacher forcing) or None.
+            parse_pad_mask: ``(B, U)`` True on padded decoder positions.
+        """
+        enc, enc_lengths, pad = self.encode(feats, lengths)
+        parse_logits = (
+            self.parse_decoder(parse_in, enc, pad, parse_pad_mask) if parse_in is not None else None
+        )
+        return JointOutput(
+            encoder=enc,
+            encoder_lengths=enc_lengths,
+            ctc_logits=self.ctc_head(enc),
+            intent_logits=self.intent_head(enc, pad),
+            parse_logits=parse_logits,
+        )
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

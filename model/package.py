@@ -1,0 +1,91 @@
+"""The self-contained model folder: weights plus everything needed to use them.
+
+::
+
+    model/
+      weights.pt      state_dict of the JointModel
+      config.json     model + feature config, vocabularies, clarify threshold, metadata
+
+A folder is what training writes, DVC tracks, MLflow stores as an artifact and
+``voiceloop predict --model`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.features import FeatureConfig
+from model.network import EncoderConfig, JointModel, ModelConfig
+from model.tokens import ParseVocab
+
+__all__ = ["ModelPackage", "load_package", "save_package"]
+
+_WEIGHTS = "weights.pt"
+_CONFIG = "config.json"
+
+
+@dataclass
+class ModelPackage:
+    """A model with its configuration, vocabularies and decision threshold."""
+
+    model: JointModel
+    features: FeatureConfig
+    parse_vocab: ParseVocab
+    clarify_threshold: float = 0.0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata.get("version", "unversioned"))
+
+
+def save_package(package: ModelPackage, folder: Path) -> Path:
+    """Write ``weights.pt`` and ``config.json`` into ``folder`` (created)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = package.model.cfg
+    config = {
+        "format": "voiceloop-joint-v1",
+        "model": {**asdict(cfg), "encoder": asdict(cfg.encoder)},
+        "features": asdict(package.features),
+        "parse_vocab": package.parse_vocab.to_json(),
+        "clarify_threshold": package.clarify_threshold,
+        "metadata": package.metadata,
+    }
+    tmp = folder / (_WEIGHTS + ".tmp")
+    torch.save(package.model.state_dict(), tmp)
+    tmp.replace(folder / _WEIGHTS)
+    (folder / _CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder
+
+
+def load_package(folder: Path) -> ModelPackage:
+    """Load a model folder written by :func:`save_package` (eval mode, CPU).
+
+    Raises:
+        FileNotFoundError: the folder lacks ``config.json`` or ``weights.pt``.
+        ValueError: the config is of another format.
+    """
+    config_path, weights_path = folder / _CONFIG, folder / _WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.exists():
+            raise FileNotFoundError(f"not a voiceloop model folder: {path} missing")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("format") != "voiceloop-joint-v1":
+        raise ValueError(f"{config_path}: unknown model format {config.get('format')!r}")
+    model_cfg = dict(config["model"])
+    model_cfg["encoder"] = EncoderConfig(**model_cfg["encoder"])
+    model = JointModel(ModelConfig(**model_cfg))
+    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    model.eval()
+    return ModelPackage(
+        model=model,
+        features=FeatureConfig(**config["features"]),
+        parse_vocab=ParseVocab.from_json(config["parse_vocab"]),
+        clarify_threshold=float(config.get("clarify_threshold", 0.0)),
+        metadata=dict(config.get("metadata", {})),
+    )
