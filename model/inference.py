@@ -67,7 +67,7 @@ class SLUPredictor:
             lengths = torch.tensor([f.shape[0] for f in batch])
             padded = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True)
             enc, enc_lengths, pad = self.model.encode(padded, lengths)
-            ctc = ctc_greedy(self.model.ctc_head(enc), enc_lengths)
+            ctc = ctc_greedy(*self.model.ctc(enc, enc_lengths))
             probs = torch.softmax(self.model.intent_head(enc, pad).float(), dim=-1)
             conf, best = probs.max(dim=-1)
             parses, _ = greedy_parse(self.model, enc, pad, self.max_parse_len)

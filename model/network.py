@@ -52,6 +52,8 @@ class EncoderConfig:
         subsampling: time reduction of the front end, 4 (two stride-2 convs) or 6/8.
         dropout: dropout probability.
         causal_conv: depthwise convolutions see only the past (for streaming).
+        pos_enc: add sinusoidal absolute positions after the front end, so attention
+            can tell near frames from far ones from the first step of training.
     """
 
     n_mels: int = 80
@@ -63,6 +65,7 @@ class EncoderConfig:
     subsampling: int = 4
     dropout: float = 0.1
     causal_conv: bool = False
+    pos_enc: bool = True
 
     def __post_init__(self) -> None:
         if self.d_model % self.heads:
@@ -86,6 +89,11 @@ class ModelConfig:
         decoder_heads: decoder attention heads.
         decoder_ffn: decoder feed-forward width.
         max_parse_len: longest parse sequence U the decoder's positions cover.
+        ctc_upsample: CTC frames per encoder frame. Spoken commands run up to ~22
+            characters/s, leaving a 40 ms encoder barely more than one frame per
+            character, which makes CTC slow to learn; emitting ``k`` label slots per
+            encoder frame (one linear layer, then a reshape) gives CTC ``k×`` the frames
+            at no encoder cost.
     """
 
     encoder: EncoderConfig
@@ -96,6 +104,7 @@ class ModelConfig:
     decoder_heads: int = 4
     decoder_ffn: int = 576
     max_parse_len: int = 48
+    ctc_upsample: int = 2
 
 
 def lengths_to_padding_mask(lengths: Tensor, max_len: int | None = None) -> Tensor:
@@ -240,6 +249,8 @@ class ConformerEncoder(nn.Module):
         x, out_lengths = self.subsampling(feats, lengths)
         if x.size(1) == 0 or bool((out_lengths <= 0).any()):
             raise ValueError("utterance too short for the subsampling front end")
+        if self.cfg.pos_enc:
+            x = x + _sinusoids(x.size(1), x.size(2)).to(x.dtype)
         pad_mask = lengths_to_padding_mask(out_lengths, x.size(1))
         x = self.dropout(x).masked_fill(pad_mask[..., None], 0.0)
         for block in self.blocks:
@@ -326,7 +337,8 @@ class JointOutput:
     Attributes:
         encoder: ``(B, T', D)`` encodings (zero on padding).
         encoder_lengths: ``(B,)`` valid encoder frames.
-        ctc_logits: ``(B, T', C)`` character logits.
+        ctc_logits: ``(B, k·T', C)`` character logits, ``k = ctc_upsample``.
+        ctc_lengths: ``(B,)`` valid CTC frames, ``k ×`` the encoder lengths.
         intent_logits: ``(B, I)``.
         parse_logits: ``(B, U, P)`` or None when no parse input was given.
     """
@@ -334,6 +346,7 @@ class JointOutput:
     encoder: Tensor
     encoder_lengths: Tensor
     ctc_logits: Tensor
+    ctc_lengths: Tensor
     intent_logits: Tensor
     parse_logits: Tensor | None
 
@@ -346,7 +359,7 @@ class JointModel(nn.Module):
         self.cfg = cfg
         d = cfg.encoder.d_model
         self.encoder = ConformerEncoder(cfg.encoder)
-        self.ctc_head = nn.Linear(d, cfg.n_chars)
+        self.ctc_head = nn.Linear(d, cfg.n_chars * cfg.ctc_upsample)
         self.intent_head = IntentHead(d, cfg.n_intents, cfg.encoder.dropout)
         self.parse_decoder = ParseDecoder(cfg)
 
@@ -356,6 +369,12 @@ class JointModel(nn.Module):
         """``(B, T, F)``, ``(B,)`` → encodings ``(B, T', D)``, lengths ``(B,)``, pad mask."""
         enc, enc_lengths = self.encoder(feats, lengths, attn_mask)
         return enc, enc_lengths, lengths_to_padding_mask(enc_lengths, enc.size(1))
+
+    def ctc(self, enc: Tensor, enc_lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Encoder ``(B, T', D)`` → CTC logits ``(B, k·T', C)`` and lengths ``(B,)``."""
+        b, t, _ = enc.shape
+        k = self.cfg.ctc_upsample
+        return self.ctc_head(enc).reshape(b, t * k, self.cfg.n_chars), enc_lengths * k
 
     def forward(
         self,
@@ -376,10 +395,12 @@ class JointModel(nn.Module):
         parse_logits = (
             self.parse_decoder(parse_in, enc, pad, parse_pad_mask) if parse_in is not None else None
         )
+        ctc_logits, ctc_lengths = self.ctc(enc, enc_lengths)
         return JointOutput(
             encoder=enc,
             encoder_lengths=enc_lengths,
-            ctc_logits=self.ctc_head(enc),
+            ctc_logits=ctc_logits,
+            ctc_lengths=ctc_lengths,
             intent_logits=self.intent_head(enc, pad),
             parse_logits=parse_logits,
         )

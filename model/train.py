@@ -147,14 +147,21 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _lr_lambda(warmup: int, total: int, floor: float):
-    def schedule(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+class _WarmupCosine:
+    """LR factor: linear warm-up, then cosine decay to ``floor`` at ``total`` steps.
 
-    return schedule
+    ``total`` can be shortened after the first epoch, when a time budget turns out to
+    allow fewer epochs than configured, so the decay still completes in the budget.
+    """
+
+    def __init__(self, warmup: int, total: int, floor: float) -> None:
+        self.warmup, self.total, self.floor = warmup, total, floor
+
+    def __call__(self, step: int) -> float:
+        if self.warmup and step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def predict_dataset(
@@ -259,9 +266,8 @@ def train_teacher(
         lr=ts.lr,
     )
     batches_per_epoch = len(make_batches(train.lengths, ts.batch_max_frames))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(ts.warmup_steps, ts.epochs * batches_per_epoch, ts.min_lr_ratio)
-    )
+    schedule = _WarmupCosine(ts.warmup_steps, ts.epochs * batches_per_epoch, ts.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     specaug = SpecAugment(**settings.features.specaugment.model_dump())
     np_rng = np.random.default_rng(settings.seed)
     aug_gen = torch.Generator().manual_seed(settings.seed)
@@ -276,6 +282,7 @@ def train_teacher(
         weighting.load_state_dict(state["weighting"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        schedule.total = state.get("schedule_total", schedule.total)
         epoch, step = state["epoch"] + 1, state["step"]
         best_semer, best_epoch, stale = state["best_semer"], state["best_epoch"], state["stale"]
         history, best_valid = state["history"], state["best_valid"]
@@ -319,7 +326,7 @@ def train_teacher(
                 out = model(feats, batch.lengths, batch.parse_in, batch.parse_pad_mask)
             assert out.parse_logits is not None
             losses = {
-                "ctc": ctc_loss(out.ctc_logits, out.encoder_lengths, batch.ctc_targets,
+                "ctc": ctc_loss(out.ctc_logits, out.ctc_lengths, batch.ctc_targets,
                                 batch.ctc_lengths),
                 "intent": intent_loss(out.intent_logits, batch.intents),
                 "parse": parse_loss(out.parse_logits, batch.parse_out, ts.loss.label_smoothing),
@@ -348,6 +355,14 @@ def train_teacher(
                 }, step)
         train_s = time.perf_counter() - epoch_start
         report, _ = _validate(model, settings, valid, vocab, feats_cfg)
+        if epoch == 0 and ts.max_minutes is not None:
+            spent = time.perf_counter() - start_time
+            epoch_s = time.perf_counter() - epoch_start
+            fits = 1 + int(max(0.0, ts.max_minutes * 60 - spent) // epoch_s)
+            if fits < ts.epochs:
+                schedule.total = max(1, fits) * batches_per_epoch
+                log.info("time budget fits ~%d epochs: LR decays over %d steps", fits,
+                         schedule.total)
         o = report.overall
         weights = breakdown.weights
         row = {
@@ -372,7 +387,7 @@ def train_teacher(
             best_semer, best_epoch, stale = o.semer, epoch, 0
             best_valid = {k: v for k, v in row.items() if k.startswith("valid_")}
             _save_checkpoint(layout.best, {"model": model.state_dict(), "epoch": epoch})
-        else:
+        elif epoch + 1 > ts.min_epochs:
             stale += 1
         _save_checkpoint(layout.last, {
             "model": model.state_dict(), "weighting": weighting.state_dict(),
@@ -381,6 +396,7 @@ def train_teacher(
             "stale": stale, "history": history, "best_valid": best_valid,
             "np_rng": np_rng.bit_generator.state, "aug_gen": aug_gen.get_state(),
             "torch_rng": torch.get_rng_state(), "run_id": run_id,
+            "schedule_total": schedule.total,
         })
         _write_history(layout.history, history)
         epoch += 1

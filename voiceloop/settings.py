@@ -226,17 +226,20 @@ class LossSettings(_Strict):
 class TrainSettings(_Strict):
     """Optimisation. ``batch_max_frames`` bounds padded frames (10 ms each) per batch;
     ``curriculum_epochs`` run short, clean utterances first (sorted, not shuffled);
+    early stopping only starts counting after ``min_epochs`` (early SemER is noisy: an
+    untrained decoder that says nothing scores better than one that babbles);
     ``max_minutes`` stops training (after the running epoch) when the budget is spent."""
 
     epochs: int = Field(30, ge=1)
-    batch_max_frames: int = Field(12000, ge=100)
-    lr: float = Field(1.5e-3, gt=0)
+    batch_max_frames: int = Field(6000, ge=100)
+    lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(400, ge=0)
     min_lr_ratio: float = Field(0.05, ge=0, le=1)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(5.0, gt=0)
     curriculum_epochs: int = Field(1, ge=0)
     early_stopping_patience: int = Field(5, ge=1)
+    min_epochs: int = Field(8, ge=0)
     max_minutes: float | None = Field(None, gt=0)
     threads: int = Field(2, ge=1)
     bf16: bool = True

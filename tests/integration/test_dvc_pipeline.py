@@ -59,7 +59,7 @@ def test_dvc_repro_corpus_builds_tracks_and_pushes(scratch_repo: Path) -> None:
     lock = yaml.safe_load((scratch_repo / "dvc.lock").read_text())
     outs = {o["path"] for o in lock["stages"]["corpus"]["outs"]}
     assert "workspace/corpus/tiny/manifests" in outs
-    assert "profiles" in lock["stages"]["corpus"]["params"]["params.yaml"]
+    assert "profiles.tiny.corpus" in lock["stages"]["corpus"]["params"]["params.yaml"]
 
     status = _run([*dvc, "status", "corpus"], scratch_repo)
     assert "changed" not in status.stdout
@@ -74,6 +74,20 @@ def test_dvc_repro_corpus_builds_tracks_and_pushes(scratch_repo: Path) -> None:
     # Nothing changed: a second repro does not run the stage again.
     again = _run([*dvc, "repro", "corpus"], scratch_repo)
     assert "didn't change" in again.stdout or "up to date" in again.stdout.lower()
+
+
+def test_training_params_do_not_invalidate_the_corpus(scratch_repo: Path) -> None:
+    params_path = scratch_repo / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["profiles"]["tiny"]["train"]["epochs"] = 7
+    params["base"]["model"]["d_model"] = 64
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = _run([*_DVC, "status", "corpus"], scratch_repo)
+        assert "changed" not in status.stdout and "modified" not in status.stdout
+    finally:
+        params_path.write_text(original)
 
 
 def test_changing_a_corpus_param_invalidates_the_stage(scratch_repo: Path) -> None:

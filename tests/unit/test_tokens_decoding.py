@@ -1,0 +1,70 @@
+"""Vocabularies, CTC greedy decoding, batching and the clarify threshold."""
+
+import numpy as np
+import pytest
+import torch
+
+from model.data.manifest import Slot
+from model.dataset import make_batches
+from model.decoding import choose_clarify_threshold, ctc_greedy
+from model.tokens import CharVocab, ParseVocab, format_parse
+
+
+def test_char_vocab_round_trip() -> None:
+    chars = CharVocab()
+    ids = chars.encode("what's the time")
+    assert chars.blank not in ids
+    assert chars.decode(ids) == "what's the time"
+
+
+def test_parse_vocab_round_trip_and_unknown_words() -> None:
+    vocab = ParseVocab.build(["HassLightSet", "HassTurnOn"], ["area", "brightness"],
+                             ["set the kitchen light"])
+    slots = [Slot(type="area", value="kitchen"), Slot(type="brightness", value="fifty")]
+    ids = vocab.encode("HassLightSet", slots)
+    assert ids[0] == ParseVocab.BOS and ids[-1] == ParseVocab.EOS
+    assert vocab.decode(ids[1:]) == ("HassLightSet", slots)
+    unknown = vocab.encode("HassLightSet", [Slot(type="area", value="zanzibar")])
+    assert ParseVocab.UNK in unknown
+    assert format_parse("HassLightSet", slots) == "HassLightSet | area = kitchen | brightness = fifty"
+    assert ParseVocab.from_json(vocab.to_json()) == vocab
+
+
+def test_parse_decode_is_lenient() -> None:
+    vocab = ParseVocab.build(["HassTurnOn"], ["area", "name"], ["kitchen lamp"])
+    tok = {t: i for i, t in enumerate(vocab.tokens)}
+    # stray word before any slot, an empty slot, a late intent token: all ignored
+    ids = [tok["[HassTurnOn]"], tok["lamp"], tok["[name]"], tok["[area]"], tok["kitchen"],
+           tok["[HassTurnOn]"], ParseVocab.EOS, tok["[name]"], tok["lamp"]]
+    assert vocab.decode(ids) == ("HassTurnOn", [Slot(type="area", value="kitchen")])
+
+
+def test_ctc_greedy_merges_repeats_and_drops_blanks() -> None:
+    # frames: a a blank a b b blank -> "aab"
+    path = [1, 1, 0, 1, 2, 2, 0]
+    logits = torch.nn.functional.one_hot(torch.tensor([path]), 3).float()
+    assert ctc_greedy(logits, torch.tensor([7])) == [[1, 1, 2]]
+    assert ctc_greedy(logits, torch.tensor([3])) == [[1]]
+
+
+def test_clarify_threshold() -> None:
+    conf = [0.95, 0.9, 0.8, 0.6, 0.4]
+    correct = [True, True, True, False, True]
+    # accepted accuracy by threshold: 0.8 -> 3/3; 0.6 -> 3/4; 0.4 -> 4/5
+    assert choose_clarify_threshold(conf, correct, 0.95) == pytest.approx(0.8)
+    assert choose_clarify_threshold(conf, correct, 0.8) == 0.0
+    assert choose_clarify_threshold(conf, [False] * 5, 0.5) == 1.0
+    with pytest.raises(ValueError):
+        choose_clarify_threshold([0.5], [], 0.9)
+
+
+def test_make_batches_bounds_padding_and_covers_everything() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(50, 400, size=200)
+    batches = make_batches(lengths, 2000, rng=np.random.default_rng(1))
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    for b in batches:
+        assert max(lengths[b]) * len(b) <= 2000 or len(b) == 1
+    order = make_batches(lengths, 2000, order=lengths.astype(float))
+    firsts = [max(lengths[b]) for b in order]
+    assert firsts == sorted(firsts)  # curriculum: shortest batches first
