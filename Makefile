@@ -16,10 +16,11 @@ PYTEST_ARGS ?=
 .PHONY: demo test setup system-packages uv venv lint clean-workspace
 
 demo: setup
-	uv run dvc repro corpus
+	uv run dvc repro
 	uv run dvc push -q || echo "dvc push failed: outputs are still in the local cache"
 	uv run voiceloop stats --profile $(PROFILE) | head -20
-	@echo "Corpus under workspace/corpus/$(PROFILE)/ — reports/stats.md, reports/validation.md"
+	@cat workspace/models/$(PROFILE)/teacher/eval/test/metrics.json
+	@echo "Corpus: workspace/corpus/$(PROFILE)/reports/stats.md; model: workspace/models/$(PROFILE)/teacher/ (eval/test/evaluation.md, learning_curves.png)"
 
 test: setup
 	uv run pytest $(PYTEST_ARGS)
