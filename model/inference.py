@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -100,29 +101,39 @@ class SLUPredictor:
 
         A waveform that cannot be used yields a prediction with ``error`` set.
         """
-        feats: dict[int, Tensor] = {}
-        errors: dict[int, str] = {}
         target = self.package.features.sample_rate
-        for i, (audio, rate) in enumerate(zip(waveforms, sample_rates, strict=True)):
-            try:
-                feats[i] = self._features(prepare_waveform(audio, rate, target))
-            except AudioError as exc:
-                errors[i] = str(exc)
-        return self._assemble(ids, feats, errors)
+        loaders = [
+            partial(prepare_waveform, audio, rate, target)
+            for audio, rate in zip(waveforms, sample_rates, strict=True)
+        ]
+        return self._predict(ids, loaders, progress=False)
 
     def predict_files(
         self, ids: Sequence[str], paths: Sequence[Path], progress: bool = False
     ) -> list[Prediction]:
         """Predict for audio files; unreadable files give predictions with ``error``."""
+        target = self.package.features.sample_rate
+        return self._predict(ids, [partial(load_audio, p, target) for p in paths], progress)
+
+    def _predict(
+        self, ids: Sequence[str], loaders: Sequence[Callable[[], np.ndarray]], progress: bool
+    ) -> list[Prediction]:
+        """Load each waveform (a loader raising :class:`AudioError` marks that item as an
+        error), decode the rest in length-sorted batches, and return in input order."""
         feats: dict[int, Tensor] = {}
         errors: dict[int, str] = {}
-        target = self.package.features.sample_rate
-        for i, path in enumerate(tqdm(paths, desc="load audio", unit="utt", disable=not progress)):
+        for i, load in enumerate(tqdm(loaders, desc="load audio", unit="utt", disable=not progress)):
             try:
-                feats[i] = self._features(load_audio(path, target))
+                feats[i] = self._features(load())
             except AudioError as exc:
                 errors[i] = str(exc)
-        return self._assemble(ids, feats, errors)
+        keys = sorted(feats)
+        decoded = dict(zip(keys, self.decode_features([feats[k] for k in keys]), strict=True))
+        return [
+            Prediction(id=uid, model_version=self.version, error=errors[i]) if i in errors
+            else self.to_prediction(uid, decoded[i])
+            for i, uid in enumerate(ids)
+        ]
 
     def _features(self, waveform: np.ndarray) -> Tensor:
         # The front end needs at least 7 frames (two 3-wide stride-2 convolutions).
@@ -130,16 +141,3 @@ class SLUPredictor:
         if waveform.size < min_samples:
             raise AudioError(f"audio too short: {waveform.size} samples < {min_samples}")
         return self.extractor(waveform)
-
-    def _assemble(
-        self, ids: Sequence[str], feats: dict[int, Tensor], errors: dict[int, str]
-    ) -> list[Prediction]:
-        keys = sorted(feats)
-        decoded = dict(zip(keys, self.decode_features([feats[k] for k in keys]), strict=True))
-        out = []
-        for i, uid in enumerate(ids):
-            if i in errors:
-                out.append(Prediction(id=uid, model_version=self.version, error=errors[i]))
-            else:
-                out.append(self.to_prediction(uid, decoded[i]))
-        return out

@@ -47,6 +47,8 @@ def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("voiceloop", "model", "monitoring", "serving", "flows"):
         logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
+    # GX configures its own loggers at INFO on import.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 
 @app.command()
