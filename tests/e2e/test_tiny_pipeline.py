@@ -22,7 +22,7 @@ from model.predict import predict_manifest
 from model.train import TeacherLayout, train_teacher
 from voiceloop.settings import Settings, load_settings
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")

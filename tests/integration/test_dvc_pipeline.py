@@ -92,8 +92,27 @@ def test_training_params_do_not_invalidate_the_corpus(scratch_repo: Path) -> Non
 
 def test_changing_a_corpus_param_invalidates_the_stage(scratch_repo: Path) -> None:
     params_path = scratch_repo / "params.yaml"
-    params = yaml.safe_load(params_path.read_text())
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
     params["profiles"]["tiny"]["corpus"]["augment"]["reverb"]["bank_size"] = 3
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    status = _run([*_DVC, "status", "corpus"], scratch_repo)
-    assert "modified" in status.stdout and "profiles" in status.stdout
+    try:
+        status = _run([*_DVC, "status", "corpus"], scratch_repo)
+        assert "modified" in status.stdout and "profiles" in status.stdout
+    finally:
+        params_path.write_text(original)
+
+
+def test_dvc_repro_trains_evaluates_and_reports_metrics_and_plots(scratch_repo: Path) -> None:
+    _run([*_DVC, "repro"], scratch_repo)
+    teacher = scratch_repo / "workspace" / "models" / "tiny" / "teacher"
+    assert (teacher / "model" / "weights.pt").exists()
+    assert (teacher / "eval" / "test" / "evaluation.md").exists()
+    metrics = json.loads(_run([*_DVC, "metrics", "show", "--json"], scratch_repo).stdout)
+    text = json.dumps(metrics)
+    for key in ("valid_semer", "intent_accuracy", "slu_f1", "utterances"):
+        assert key in text, key
+    plots = _run([*_DVC, "plots", "show", "--json"], scratch_repo).stdout
+    assert "history.csv" in plots and "confusion_matrix.png" in plots
+    status = _run([*_DVC, "status"], scratch_repo)
+    assert "changed" not in status.stdout
