@@ -35,8 +35,7 @@ from model.dataset import SLUDataset, collate, load_features, make_batches
 from model.features import SpecAugment
 from model.inference import SLUPredictor
 from model.losses import ctc_loss, intent_loss, make_weighting, parse_loss
-from model.tokens import CharVocab
-from model.train import build_model, build_vocab, feature_config
+from model.train import build_ctc_vocab, build_model, build_vocab, feature_config
 from voiceloop.settings import load_settings
 
 
@@ -49,8 +48,9 @@ def _train_throughput(settings, steps: int) -> dict:
     rows = [rows[i] for i in sorted(rng.choice(len(rows), min(len(rows), 1500), replace=False))]
     feats = load_features(rows, layout.manifests_dir, feature_config(settings), progress=False)
     vocab = build_vocab(Grammar.load(settings.corpus.language), rows)
-    data = SLUDataset(rows, feats, CharVocab(), vocab)
-    model = build_model(settings, vocab).train()
+    ctc_vocab = build_ctc_vocab(settings, vocab)
+    data = SLUDataset(rows, feats, ctc_vocab, vocab)
+    model = build_model(settings, vocab, ctc_vocab).train()
     weighting = make_weighting(ts.loss.weighting, ts.loss.weights, ts.loss.final_weights,
                                ts.loss.schedule_epochs)
     opt = torch.optim.AdamW([*model.parameters(), *weighting.parameters()], lr=ts.lr)

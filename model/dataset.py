@@ -21,7 +21,7 @@ from tqdm import tqdm
 from model.audio import load_audio
 from model.data.manifest import ManifestRow
 from model.features import FeatureConfig, FeatureExtractor
-from model.tokens import CharVocab, ParseVocab
+from model.tokens import CTCVocab, ParseVocab
 
 __all__ = ["Batch", "SLUDataset", "collate", "load_features", "make_batches"]
 
@@ -69,8 +69,8 @@ class Batch:
         ids: utterance ids, length B.
         feats: ``(B, T, F)`` float32 features, zero-padded.
         lengths: ``(B,)`` valid frames.
-        ctc_targets: ``(sum L_b,)`` concatenated character ids.
-        ctc_lengths: ``(B,)`` transcript lengths in characters.
+        ctc_targets: ``(sum L_b,)`` concatenated CTC unit ids (characters or words).
+        ctc_lengths: ``(B,)`` transcript lengths in CTC units.
         intents: ``(B,)`` intent indices.
         parse_in: ``(B, U)`` decoder inputs (``<bos>`` + parse), ``<pad>``-padded.
         parse_out: ``(B, U)`` decoder targets (parse + ``<eos>``), ``<pad>``-padded.
@@ -99,7 +99,7 @@ class SLUDataset:
         self,
         rows: Sequence[ManifestRow],
         feats: Sequence[Tensor],
-        chars: CharVocab,
+        ctc_vocab: CTCVocab,
         parse: ParseVocab,
     ) -> None:
         if len(rows) != len(feats):
@@ -110,7 +110,7 @@ class SLUDataset:
             raise ValueError(f"intents not in the vocabulary: {unknown}")
         self.rows = list(rows)
         self.feats = list(feats)
-        self.char_targets = [chars.encode(r.transcript) for r in rows]
+        self.ctc_targets = [ctc_vocab.encode(r.transcript) for r in rows]
         self.intents = [intent_index[r.intent] for r in rows]
         self.parses = [parse.encode(r.intent, r.slots) for r in rows]
         self.lengths = np.array([f.shape[0] for f in feats], dtype=np.int64)
@@ -164,7 +164,7 @@ def collate(data: SLUDataset, indices: Sequence[int]) -> Batch:
     feats = [data.feats[i].float() for i in indices]
     lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.long)
     padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
-    chars = [torch.tensor(data.char_targets[i], dtype=torch.long) for i in indices]
+    chars = [torch.tensor(data.ctc_targets[i], dtype=torch.long) for i in indices]
     parses = [data.parses[i] for i in indices]
     width = max(len(p) for p in parses) - 1
     parse_in = torch.full((len(indices), width), ParseVocab.PAD, dtype=torch.long)

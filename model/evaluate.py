@@ -11,7 +11,6 @@ from model.dataset import SLUDataset
 from model.evaluation import EvaluationReport, evaluate, write_report
 from model.package import load_package
 from model.prediction import write_predictions
-from model.tokens import CharVocab
 from model.train import load_split, predict_dataset
 from voiceloop.settings import Settings
 
@@ -45,7 +44,7 @@ def evaluate_model(
     folder = resolve_model_uri(model_uri, settings)
     package = load_package(folder)
     rows, feats = load_split(settings, split, progress)
-    data = SLUDataset(rows, feats, CharVocab(), package.parse_vocab)
+    data = SLUDataset(rows, feats, package.ctc_vocab, package.parse_vocab)
     preds = predict_dataset(package, data, settings.decode.batch_size, settings.decode.max_parse_len)
     report = evaluate(rows, preds)
     if out_dir is None:

@@ -17,7 +17,6 @@ from model.decoding import ctc_greedy, greedy_parse
 from model.features import FeatureExtractor
 from model.package import ModelPackage, load_package
 from model.prediction import Prediction
-from model.tokens import CharVocab
 
 __all__ = ["Decoded", "SLUPredictor"]
 
@@ -44,7 +43,7 @@ class SLUPredictor:
         self.package = package
         self.model = package.model.eval()
         self.extractor = FeatureExtractor(package.features)
-        self.chars = CharVocab()
+        self.ctc_vocab = package.ctc_vocab
         self.batch_size = batch_size
         self.max_parse_len = max_parse_len
 
@@ -75,7 +74,7 @@ class SLUPredictor:
             for j, i in enumerate(idx):
                 parse_intent, slots = self.package.parse_vocab.decode(parses[j])
                 results[i] = Decoded(
-                    transcript=self.chars.decode(ctc[j]).strip(),
+                    transcript=self.ctc_vocab.decode(ctc[j]).strip(),
                     intent=intents[int(best[j])],
                     confidence=float(conf[j]),
                     parse_intent=parse_intent,

@@ -82,7 +82,7 @@ class ModelConfig:
 
     Attributes:
         encoder: encoder settings.
-        n_chars: CTC vocabulary size C (blank included).
+        n_chars: CTC vocabulary size C (blank included): characters or words.
         n_intents: number of intents I.
         n_parse_tokens: parse-decoder vocabulary size P.
         decoder_layers: Transformer decoder layers.

@@ -21,7 +21,7 @@ import torch
 
 from model.features import FeatureConfig
 from model.network import EncoderConfig, JointModel, ModelConfig
-from model.tokens import ParseVocab
+from model.tokens import CharVocab, CTCVocab, ParseVocab, ctc_vocab_from_json
 
 __all__ = ["ModelPackage", "load_package", "save_package"]
 
@@ -38,6 +38,7 @@ class ModelPackage:
     parse_vocab: ParseVocab
     clarify_threshold: float = 0.0
     metadata: dict[str, Any] = field(default_factory=dict)
+    ctc_vocab: CTCVocab = field(default_factory=CharVocab)
 
     @property
     def version(self) -> str:
@@ -53,6 +54,7 @@ def save_package(package: ModelPackage, folder: Path) -> Path:
         "model": {**asdict(cfg), "encoder": asdict(cfg.encoder)},
         "features": asdict(package.features),
         "parse_vocab": package.parse_vocab.to_json(),
+        "ctc_vocab": package.ctc_vocab.to_json(),
         "clarify_threshold": package.clarify_threshold,
         "metadata": package.metadata,
     }
@@ -88,4 +90,5 @@ def load_package(folder: Path) -> ModelPackage:
         parse_vocab=ParseVocab.from_json(config["parse_vocab"]),
         clarify_threshold=float(config.get("clarify_threshold", 0.0)),
         metadata=dict(config.get("metadata", {})),
+        ctc_vocab=ctc_vocab_from_json(config.get("ctc_vocab")),
     )

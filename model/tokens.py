@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from model.data.manifest import Slot
 from model.data.textnorm import spell_number
 
-__all__ = ["CharVocab", "ParseVocab", "format_parse", "number_words"]
+__all__ = [
+    "CTCVocab",
+    "CharVocab",
+    "ParseVocab",
+    "WordVocab",
+    "ctc_vocab_from_json",
+    "format_parse",
+    "number_words",
+]
 
 
 class CharVocab:
@@ -36,6 +44,60 @@ class CharVocab:
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.symbols[i] for i in ids if i != self.blank)
+
+    def to_json(self) -> dict[str, object]:
+        return {"units": "char"}
+
+
+@dataclass(frozen=True)
+class WordVocab:
+    """Whole-word CTC units: ``<blank>`` 0, ``<unk>`` 1, then the words (sorted).
+
+    The command domain has a closed vocabulary of a few hundred words; a word-level CTC
+    label rate is ~5× lower than characters, so alignments are loose and each output
+    unit is a word the model can learn directly, instead of English spelling.
+    """
+
+    words: tuple[str, ...]
+    blank = 0
+    UNK = 1
+
+    def __len__(self) -> int:
+        return 2 + len(self.words)
+
+    def _index(self) -> dict[str, int]:
+        cached = self.__dict__.get("_index_cache")
+        if cached is None:
+            cached = {w: i + 2 for i, w in enumerate(self.words)}
+            object.__setattr__(self, "_index_cache", cached)
+        return cached
+
+    def encode(self, text: str) -> list[int]:
+        index = self._index()
+        return [index.get(w, self.UNK) for w in text.split()]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out = []
+        for i in ids:
+            if i == self.blank:
+                continue
+            out.append("<unk>" if i == self.UNK or i - 2 >= len(self.words) else self.words[i - 2])
+        return " ".join(out)
+
+    def to_json(self) -> dict[str, object]:
+        return {"units": "word", "words": list(self.words)}
+
+
+CTCVocab = CharVocab | WordVocab
+
+
+def ctc_vocab_from_json(data: dict | None) -> CTCVocab:
+    """The CTC vocabulary a package config describes (characters when absent)."""
+    if not data or data.get("units") == "char":
+        return CharVocab()
+    if data.get("units") == "word":
+        return WordVocab(tuple(data["words"]))
+    raise ValueError(f"unknown CTC units {data.get('units')!r}")
 
 
 def number_words() -> set[str]:

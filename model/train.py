@@ -39,12 +39,13 @@ from model.network import EncoderConfig, JointModel, ModelConfig
 from model.package import ModelPackage, save_package
 from model.plots import plot_learning_curves
 from model.prediction import Prediction
-from model.tokens import CharVocab, ParseVocab
+from model.tokens import CharVocab, CTCVocab, ParseVocab, WordVocab
 from voiceloop.settings import Settings
 
 __all__ = [
     "TeacherLayout",
     "TrainResult",
+    "build_ctc_vocab",
     "build_model",
     "build_vocab",
     "feature_config",
@@ -125,7 +126,12 @@ def build_vocab(grammar: Grammar, rows: list[ManifestRow]) -> ParseVocab:
     return ParseVocab.build(grammar.intent_names, grammar.slot_types, texts)
 
 
-def build_model(settings: Settings, vocab: ParseVocab) -> JointModel:
+def build_ctc_vocab(settings: Settings, vocab: ParseVocab) -> CTCVocab:
+    """Characters, or the parse vocabulary's words as whole-word CTC units."""
+    return WordVocab(vocab.words) if settings.model.ctc_units == "word" else CharVocab()
+
+
+def build_model(settings: Settings, vocab: ParseVocab, ctc_vocab: CTCVocab) -> JointModel:
     m = settings.model
     enc = EncoderConfig(
         n_mels=settings.features.n_mels, d_model=m.d_model, layers=m.encoder_layers,
@@ -133,10 +139,10 @@ def build_model(settings: Settings, vocab: ParseVocab) -> JointModel:
         subsampling=m.subsampling, dropout=m.dropout,
     )
     cfg = ModelConfig(
-        encoder=enc, n_chars=len(CharVocab()), n_intents=len(vocab.intents),
+        encoder=enc, n_chars=len(ctc_vocab), n_intents=len(vocab.intents),
         n_parse_tokens=len(vocab), decoder_layers=m.decoder_layers,
         decoder_heads=m.decoder_heads, decoder_ffn=m.decoder_ffn,
-        max_parse_len=m.max_parse_len,
+        max_parse_len=m.max_parse_len, ctc_upsample=m.ctc_upsample,
     )
     return JointModel(cfg)
 
@@ -174,10 +180,11 @@ def predict_dataset(
 
 
 def _validate(
-    model: JointModel, settings: Settings, data: SLUDataset, vocab: ParseVocab, feats: FeatureConfig
+    model: JointModel, settings: Settings, data: SLUDataset, vocab: ParseVocab,
+    ctc_vocab: CTCVocab, feats: FeatureConfig,
 ) -> tuple[EvaluationReport, list[Prediction]]:
     model.eval()
-    package = ModelPackage(model, feats, vocab)
+    package = ModelPackage(model, feats, vocab, ctc_vocab=ctc_vocab)
     preds = predict_dataset(package, data, settings.decode.batch_size, settings.decode.max_parse_len)
     model.train()
     return evaluate(data.rows, preds), preds
@@ -249,12 +256,12 @@ def train_teacher(
         valid_rows = [valid_rows[i] for i in sorted(keep)]
         valid_feats = [valid_feats[i] for i in sorted(keep)]
     vocab = build_vocab(grammar, train_rows)
-    chars = CharVocab()
-    train = SLUDataset(train_rows, train_feats, chars, vocab)
-    valid = SLUDataset(valid_rows, valid_feats, chars, vocab)
+    ctc_vocab = build_ctc_vocab(settings, vocab)
+    train = SLUDataset(train_rows, train_feats, ctc_vocab, vocab)
+    valid = SLUDataset(valid_rows, valid_feats, ctc_vocab, vocab)
     feats_cfg = feature_config(settings)
 
-    model = build_model(settings, vocab)
+    model = build_model(settings, vocab, ctc_vocab)
     weighting = make_weighting(
         ts.loss.weighting, ts.loss.weights, ts.loss.final_weights, ts.loss.schedule_epochs
     )
@@ -354,7 +361,7 @@ def train_teacher(
                     "step/grad_norm": float(grad_norm),
                 }, step)
         train_s = time.perf_counter() - epoch_start
-        report, _ = _validate(model, settings, valid, vocab, feats_cfg)
+        report, _ = _validate(model, settings, valid, vocab, ctc_vocab, feats_cfg)
         if epoch == 0 and ts.max_minutes is not None:
             spent = time.perf_counter() - start_time
             epoch_s = time.perf_counter() - epoch_start
@@ -411,7 +418,7 @@ def train_teacher(
     # The best epoch becomes the model; its clarify threshold is set on validation data.
     model.load_state_dict(torch.load(layout.best, weights_only=False)["model"])
     model.eval()
-    report, preds = _validate(model, settings, valid, vocab, feats_cfg)
+    report, preds = _validate(model, settings, valid, vocab, ctc_vocab, feats_cfg)
     model.eval()
     threshold = choose_clarify_threshold(
         [p.confidence for p in preds],
@@ -424,7 +431,7 @@ def train_teacher(
         "role": "teacher", "profile": settings.profile, "run_id": run_id,
         "best_epoch": best_epoch, "parameters": model.num_parameters(),
     }
-    package = ModelPackage(model, feats_cfg, vocab, threshold, metadata)
+    package = ModelPackage(model, feats_cfg, vocab, threshold, metadata, ctc_vocab)
     save_package(package, layout.model_dir)
     metrics = {
         **best_valid, "best_epoch": best_epoch, "epochs_run": len(history),

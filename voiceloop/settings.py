@@ -188,7 +188,9 @@ class FeatureSettings(_Strict):
 
 
 class ModelSettings(_Strict):
-    """Network shape (teacher). ``subsampling`` is the encoder's time reduction."""
+    """Network shape (teacher). ``subsampling`` is the encoder's time reduction;
+    ``ctc_units`` the CTC vocabulary (characters, or whole words of the closed command
+    vocabulary); ``ctc_upsample`` the CTC label slots per encoder frame."""
 
     d_model: int = Field(144, ge=16)
     encoder_layers: int = Field(6, ge=1)
@@ -201,6 +203,8 @@ class ModelSettings(_Strict):
     decoder_heads: int = Field(4, ge=1)
     decoder_ffn: int = Field(576, ge=16)
     max_parse_len: int = Field(48, ge=8)
+    ctc_units: Literal["char", "word"] = "char"
+    ctc_upsample: int = Field(2, ge=1, le=4)
 
 
 class LossSettings(_Strict):

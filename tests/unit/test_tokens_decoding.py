@@ -7,7 +7,7 @@ import torch
 from model.data.manifest import Slot
 from model.dataset import make_batches
 from model.decoding import choose_clarify_threshold, ctc_greedy
-from model.tokens import CharVocab, ParseVocab, format_parse
+from model.tokens import CharVocab, ParseVocab, WordVocab, ctc_vocab_from_json, format_parse
 
 
 def test_char_vocab_round_trip() -> None:
@@ -15,6 +15,19 @@ def test_char_vocab_round_trip() -> None:
     ids = chars.encode("what's the time")
     assert chars.blank not in ids
     assert chars.decode(ids) == "what's the time"
+
+
+def test_word_vocab_round_trip_unknown_and_json() -> None:
+    words = WordVocab(("kitchen", "light", "on", "the", "turn"))
+    ids = words.encode("turn on the kitchen light")
+    assert words.blank not in ids and len(ids) == 5
+    assert words.decode(ids) == "turn on the kitchen light"
+    assert words.encode("turn on the garage")[-1] == WordVocab.UNK
+    assert words.decode([WordVocab.UNK, 0, ids[0]]) == "<unk> turn"
+    assert ctc_vocab_from_json(words.to_json()) == words
+    assert isinstance(ctc_vocab_from_json(None), CharVocab)
+    with pytest.raises(ValueError):
+        ctc_vocab_from_json({"units": "phones"})
 
 
 def test_parse_vocab_round_trip_and_unknown_words() -> None:
