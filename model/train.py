@@ -417,9 +417,8 @@ def train_teacher(
 
     # The best epoch becomes the model; its clarify threshold is set on validation data.
     model.load_state_dict(torch.load(layout.best, weights_only=False)["model"])
-    model.eval()
-    report, preds = _validate(model, settings, valid, vocab, ctc_vocab, feats_cfg)
-    model.eval()
+    _, preds = _validate(model, settings, valid, vocab, ctc_vocab, feats_cfg)
+    model.eval()  # _validate hands the model back in training mode
     threshold = choose_clarify_threshold(
         [p.confidence for p in preds],
         [p.intent == r.intent for p, r in zip(preds, valid.rows, strict=True)],
