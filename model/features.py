@@ -9,7 +9,7 @@ import torch
 import torchaudio
 from torch import Tensor
 
-__all__ = ["FeatureConfig", "FeatureExtractor", "SpecAugment"]
+__all__ = ["FeatureConfig", "FeatureExtractor", "SpecAugment", "global_stats", "normalise_features"]
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,10 @@ class FeatureConfig:
         win_ms: analysis window in ms (25 ms = 400 samples at 16 kHz).
         hop_ms: frame shift in ms (10 ms → 100 frames/s).
         normalise: ``utterance`` (mean/variance per utterance and bin: removes channel
-            and gain, so works without any global statistics) or ``none``.
+            and gain, so works without any global statistics), ``global`` (fixed
+            per-bin ``mean``/``std`` measured on training data: causal, so a streaming
+            model can use it) or ``none``.
+        mean, std: per-bin statistics (``n_mels`` each) for ``global``.
     """
 
     sample_rate: int = 16000
@@ -30,10 +33,49 @@ class FeatureConfig:
     win_ms: float = 25.0
     hop_ms: float = 10.0
     normalise: str = "utterance"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.normalise not in ("utterance", "none"):
-            raise ValueError(f"normalise must be 'utterance' or 'none', got {self.normalise!r}")
+        if self.normalise not in ("utterance", "global", "none"):
+            raise ValueError(
+                f"normalise must be 'utterance', 'global' or 'none', got {self.normalise!r}")
+        if self.normalise == "global":
+            if self.mean is None or self.std is None:
+                raise ValueError("normalise='global' needs mean and std")
+            if len(self.mean) != self.n_mels or len(self.std) != self.n_mels:
+                raise ValueError(f"global mean/std must have {self.n_mels} values each")
+        # JSON round trips give lists; keep the dataclass hashable and comparable.
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+
+
+def normalise_features(raw: Tensor, cfg: FeatureConfig) -> Tensor:
+    """Apply ``cfg.normalise`` to raw log-mel features ``(T, F)`` (or ``(B, T, F)`` for
+    ``global``/``none``); returns float32 of the same shape."""
+    raw = raw.float()
+    if cfg.normalise == "utterance":
+        return (raw - raw.mean(-2, keepdim=True)) / (raw.std(-2, keepdim=True) + 1e-5)
+    if cfg.normalise == "global":
+        assert cfg.mean is not None and cfg.std is not None
+        return (raw - torch.tensor(cfg.mean)) / torch.tensor(cfg.std)
+    return raw
+
+
+def global_stats(raw_feats: list[Tensor]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-bin mean and standard deviation over all frames of ``raw_feats`` ``[(T_i, F)]``."""
+    total = sum(f.shape[0] for f in raw_feats)
+    acc = torch.zeros(raw_feats[0].shape[1], dtype=torch.float64)
+    acc2 = torch.zeros_like(acc)
+    for f in raw_feats:
+        f64 = f.double()
+        acc += f64.sum(0)
+        acc2 += (f64 * f64).sum(0)
+    mean = acc / total
+    std = (acc2 / total - mean * mean).clamp(min=1e-8).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 class FeatureExtractor:
@@ -57,10 +99,14 @@ class FeatureExtractor:
         if x.dim() != 1:
             raise ValueError(f"waveform must be 1-D, got shape {tuple(x.shape)}")
         with torch.no_grad():
-            feats = torch.log(self._mel(x) + 1e-6).T  # (T, F)
-            if self.cfg.normalise == "utterance":
-                feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-5)
+            feats = normalise_features(torch.log(self._mel(x) + 1e-6).T, self.cfg)  # (T, F)
         return feats.contiguous()
+
+    def raw(self, waveform: np.ndarray | Tensor) -> Tensor:
+        """Unnormalised log-mel ``(T, F)``."""
+        x = torch.as_tensor(waveform, dtype=torch.float32)
+        with torch.no_grad():
+            return torch.log(self._mel(x) + 1e-6).T.contiguous()
 
 
 class SpecAugment:

@@ -34,6 +34,7 @@ __all__ = [
     "JointOutput",
     "ModelConfig",
     "ParseDecoder",
+    "SelfAttention",
     "lengths_to_padding_mask",
 ]
 
@@ -195,6 +196,69 @@ class _ConvModule(nn.Module):
         return self.dropout(self.pointwise_out(y))
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over ``(B, T, D)`` frames.
+
+    Our own (rather than ``nn.MultiheadAttention``) so that the projections are plain
+    ``nn.Linear`` layers (quantisation-aware training and int8 export treat them like
+    every other matmul) and so that streaming can prepend cached keys/values.
+
+    Forward: ``x`` ``(B, T, D)``; ``pad_mask`` ``(B, S)`` True on padded keys, where
+    ``S = P + T`` with ``P`` the cached frames; ``attn_mask`` ``(T, S)`` True where a query
+    may not attend; ``cache`` optional ``(k, v)`` each ``(B, P, D)`` from earlier frames.
+    :meth:`forward` returns ``(B, T, D)``; :meth:`forward_with_cache` also returns the
+    keys/values ``(B, S, D)`` of all frames so the caller can keep what it needs.
+    """
+
+    def __init__(self, d: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.in_proj = nn.Linear(d, 3 * d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(
+        self, x: Tensor, pad_mask: Tensor | None = None, attn_mask: Tensor | None = None
+    ) -> Tensor:
+        return self.forward_with_cache(x, pad_mask, attn_mask)[0]
+
+    def forward_with_cache(
+        self,
+        x: Tensor,
+        pad_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        cache: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        b, t, d = x.shape
+        q, k, v = self.in_proj(x).chunk(3, dim=-1)
+        if cache is not None:
+            k = torch.cat([cache[0].to(k.dtype), k], dim=1)
+            v = torch.cat([cache[1].to(v.dtype), v], dim=1)
+        s = k.size(1)
+        h = self.heads
+
+        def split(y: Tensor, n: int) -> Tensor:
+            return y.reshape(b, n, h, d // h).transpose(1, 2)  # (B, H, n, D/H)
+
+        blocked: Tensor | None = None
+        if pad_mask is not None:
+            blocked = pad_mask[:, None, None, :]
+        if attn_mask is not None:
+            blocked = attn_mask[None, None] if blocked is None else blocked | attn_mask[None, None]
+        y = nn.functional.scaled_dot_product_attention(
+            split(q, t), split(k, s), split(v, s),
+            attn_mask=None if blocked is None else ~blocked,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, d)), (k, v)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # Checkpoints from before this class used nn.MultiheadAttention's names.
+        for old, new in (("in_proj_weight", "in_proj.weight"), ("in_proj_bias", "in_proj.bias")):
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class ConformerBlock(nn.Module):
     """One Conformer block (Gulati et al. 2020): ½FFN → MHSA → Conv → ½FFN → LayerNorm.
 
@@ -208,7 +272,7 @@ class ConformerBlock(nn.Module):
         d = cfg.d_model
         self.ff1 = _FeedForward(d, cfg.ffn_mult, cfg.dropout)
         self.attn_norm = nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, cfg.heads, dropout=cfg.dropout, batch_first=True)
+        self.attn = SelfAttention(d, cfg.heads, cfg.dropout)
         self.attn_dropout = nn.Dropout(cfg.dropout)
         self.conv = _ConvModule(d, cfg.conv_kernel, cfg.dropout, cfg.causal_conv)
         self.ff2 = _FeedForward(d, cfg.ffn_mult, cfg.dropout)
@@ -219,8 +283,7 @@ class ConformerBlock(nn.Module):
     ) -> Tensor:
         x = x + 0.5 * self.ff1(x)
         q = self.attn_norm(x)
-        a, _ = self.attn(q, q, q, key_padding_mask=pad_mask, attn_mask=attn_mask,
-                         need_weights=False)
+        a = self.attn(q, pad_mask, attn_mask)
         x = x + self.attn_dropout(a)
         x = x + self.conv(x, pad_mask)
         x = x + 0.5 * self.ff2(x)

@@ -250,6 +250,11 @@ def train_teacher(
     grammar = Grammar.load(settings.corpus.language)
     train_rows, train_feats = load_split(settings, "train", progress)
     valid_rows, valid_feats = load_split(settings, "valid", progress)
+    if ts.max_train_utterances and len(train_rows) > ts.max_train_utterances:
+        keep = np.random.default_rng(settings.seed + 1).choice(
+            len(train_rows), ts.max_train_utterances, replace=False)
+        train_rows = [train_rows[i] for i in sorted(keep)]
+        train_feats = [train_feats[i] for i in sorted(keep)]
     if ts.eval_max_utterances and len(valid_rows) > ts.eval_max_utterances:
         keep = np.random.default_rng(settings.seed).choice(
             len(valid_rows), ts.eval_max_utterances, replace=False)

@@ -249,6 +249,7 @@ class TrainSettings(_Strict):
     bf16: bool = True
     log_every_steps: int = Field(20, ge=1)
     eval_max_utterances: int | None = Field(None, ge=1)
+    max_train_utterances: int | None = Field(None, ge=1)  # random subset, for recipe trials
     loss: LossSettings = LossSettings()
 
 

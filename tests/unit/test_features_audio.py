@@ -63,3 +63,19 @@ def test_load_audio_reads_any_rate_and_reports_unreadable(tmp_path) -> None:
     (tmp_path / "bad.wav").write_bytes(b"nope")
     with pytest.raises(AudioError, match="cannot read"):
         load_audio(tmp_path / "bad.wav")
+
+
+def test_global_normalisation_uses_stored_statistics() -> None:
+    from model.features import global_stats, normalise_features
+
+    torch.manual_seed(0)
+    raws = [torch.randn(50, 80) * 3 + 2, torch.randn(30, 80) * 3 + 2]
+    mean, std = global_stats(raws)
+    cfg = FeatureConfig(normalise="global", mean=mean, std=std)
+    pooled = normalise_features(torch.cat(raws), cfg)
+    assert pooled.mean().abs() < 1e-4 and (pooled.std() - 1).abs() < 1e-2
+    wave = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    extractor = FeatureExtractor(cfg)
+    torch.testing.assert_close(extractor(wave), normalise_features(extractor.raw(wave), cfg))
+    with pytest.raises(ValueError, match="mean and std"):
+        FeatureConfig(normalise="global")

@@ -113,3 +113,32 @@ def test_invalid_config_raises(bad: dict) -> None:
 def test_wrong_feature_shape_raises() -> None:
     with pytest.raises(ValueError, match=r"\(B, T, 80\)"):
         _model()(torch.randn(2, 50, 40), torch.tensor([50, 50]))
+
+
+def test_self_attention_matches_torch_multihead_attention_and_loads_its_weights() -> None:
+    """Older checkpoints used nn.MultiheadAttention; ours must load them and agree."""
+    from torch import nn
+
+    from model.network import SelfAttention
+
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(48, 4, batch_first=True).eval()
+    ours = SelfAttention(48, 4, 0.0).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 7, 48)
+    pad = torch.tensor([[False] * 7, [False] * 5 + [True] * 2])
+    expected = ref(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+    torch.testing.assert_close(ours(x, pad), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_self_attention_cache_gives_same_keys_as_full_sequence() -> None:
+    from model.network import SelfAttention
+
+    torch.manual_seed(0)
+    attn = SelfAttention(32, 4, 0.0).eval()
+    x = torch.randn(1, 9, 32)
+    causal = torch.triu(torch.ones(9, 9, dtype=torch.bool), 1)
+    full = attn(x, None, causal)
+    first, cache = attn.forward_with_cache(x[:, :5], None, causal[:5, :5])
+    second, _ = attn.forward_with_cache(x[:, 5:], None, causal[5:, :], cache)
+    torch.testing.assert_close(torch.cat([first, second], 1), full, atol=1e-5, rtol=1e-5)
