@@ -89,8 +89,9 @@ class FeatureExtractor:
         self.cfg = cfg
         win = round(cfg.sample_rate * cfg.win_ms / 1000)
         self.hop = round(cfg.sample_rate * cfg.hop_ms / 1000)
+        self.n_fft = 512
         self._mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=cfg.sample_rate, n_fft=512, win_length=win, hop_length=self.hop,
+            sample_rate=cfg.sample_rate, n_fft=self.n_fft, win_length=win, hop_length=self.hop,
             n_mels=cfg.n_mels, power=2.0,
         )
 

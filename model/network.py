@@ -195,6 +195,20 @@ class _ConvModule(nn.Module):
         y = nn.functional.silu(self.depth_norm(y.transpose(1, 2)))
         return self.dropout(self.pointwise_out(y))
 
+    def forward_chunk(self, x: Tensor, cache: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Causal streaming step: ``x`` ``(B, C, D)`` new frames, ``cache`` ``(B, D, K-1)``
+        (the gated inputs of the previous ``K-1`` frames; None = utterance start, zeros as
+        in the padded full-sequence pass) → ``(B, C, D)`` and the next cache."""
+        if not self.causal:
+            raise ValueError("streaming needs causal convolutions (causal_conv=True)")
+        y = nn.functional.glu(self.pointwise_in(self.norm(x)), dim=-1).transpose(1, 2)
+        if cache is None:
+            cache = y.new_zeros(y.size(0), y.size(1), self.kernel - 1)
+        y = torch.cat([cache.to(y.dtype), y], dim=2)  # (B, D, K-1+C)
+        new_cache = y[:, :, y.size(2) - (self.kernel - 1):]
+        y = nn.functional.silu(self.depth_norm(self.depthwise(y).transpose(1, 2)))
+        return self.dropout(self.pointwise_out(y)), new_cache
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention over ``(B, T, D)`` frames.
@@ -289,6 +303,25 @@ class ConformerBlock(nn.Module):
         x = x + 0.5 * self.ff2(x)
         return self.out_norm(x)
 
+    def forward_chunk(
+        self, x: Tensor, attn_cache: tuple[Tensor, Tensor] | None, conv_cache: Tensor | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
+        """One streaming step over a chunk ``x`` ``(B, C, D)`` that may attend to every
+        cached frame and to the whole chunk.
+
+        ``attn_cache``: keys/values ``(B, P, D)`` of earlier frames (the caller trims it
+        to the left context); ``conv_cache``: see :meth:`_ConvModule.forward_chunk`.
+        Returns the block output ``(B, C, D)``, keys/values of cache + chunk ``(B, P+C, D)``
+        and the new convolution cache.
+        """
+        x = x + 0.5 * self.ff1(x)
+        a, kv = self.attn.forward_with_cache(self.attn_norm(x), cache=attn_cache)
+        x = x + self.attn_dropout(a)
+        c, conv_cache = self.conv.forward_chunk(x, conv_cache)
+        x = x + c
+        x = x + 0.5 * self.ff2(x)
+        return self.out_norm(x), kv, conv_cache
+
 
 class ConformerEncoder(nn.Module):
     """Subsampling front end + a stack of Conformer blocks.
@@ -313,7 +346,7 @@ class ConformerEncoder(nn.Module):
         if x.size(1) == 0 or bool((out_lengths <= 0).any()):
             raise ValueError("utterance too short for the subsampling front end")
         if self.cfg.pos_enc:
-            x = x + _sinusoids(x.size(1), x.size(2)).to(x.dtype)
+            x = x + sinusoids(x.size(1), x.size(2)).to(x.dtype)
         pad_mask = lengths_to_padding_mask(out_lengths, x.size(1))
         x = self.dropout(x).masked_fill(pad_mask[..., None], 0.0)
         for block in self.blocks:
@@ -341,8 +374,9 @@ class IntentHead(nn.Module):
         return self.classifier(pooled)
 
 
-def _sinusoids(length: int, dim: int) -> Tensor:
-    position = torch.arange(length, dtype=torch.float32)[:, None]
+def sinusoids(length: int, dim: int, offset: int = 0) -> Tensor:
+    """``(length, dim)`` sinusoidal encodings of positions ``offset … offset+length-1``."""
+    position = torch.arange(offset, offset + length, dtype=torch.float32)[:, None]
     div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
     table = torch.zeros(length, dim)
     table[:, 0::2] = torch.sin(position * div)
@@ -365,7 +399,7 @@ class ParseDecoder(nn.Module):
         super().__init__()
         d = cfg.encoder.d_model
         self.embed = nn.Embedding(cfg.n_parse_tokens, d)
-        self.register_buffer("positions", _sinusoids(cfg.max_parse_len + 1, d), persistent=False)
+        self.register_buffer("positions", sinusoids(cfg.max_parse_len + 1, d), persistent=False)
         layer = nn.TransformerDecoderLayer(
             d, cfg.decoder_heads, cfg.decoder_ffn, cfg.encoder.dropout,
             batch_first=True, norm_first=True,
@@ -445,6 +479,7 @@ class JointModel(nn.Module):
         lengths: Tensor,
         parse_in: Tensor | None = None,
         parse_pad_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
     ) -> JointOutput:
         """Run all heads.
 
@@ -453,8 +488,10 @@ class JointModel(nn.Module):
             lengths: ``(B,)`` valid frames per utterance.
             parse_in: ``(B, U)`` decoder input tokens (teacher forcing) or None.
             parse_pad_mask: ``(B, U)`` True on padded decoder positions.
+            attn_mask: ``(T', T')`` encoder attention mask (True = blocked), e.g. the
+                chunk mask of streaming training (``model.streaming.chunk_attention_mask``).
         """
-        enc, enc_lengths, pad = self.encode(feats, lengths)
+        enc, enc_lengths, pad = self.encode(feats, lengths, attn_mask)
         parse_logits = (
             self.parse_decoder(parse_in, enc, pad, parse_pad_mask) if parse_in is not None else None
         )
