@@ -43,7 +43,7 @@ def evaluate_model(
 
     folder = resolve_model_uri(model_uri, settings)
     package = load_package(folder)
-    rows, feats = load_split(settings, split, progress)
+    rows, feats = load_split(settings, split, progress, package.features)
     data = SLUDataset(rows, feats, package.ctc_vocab, package.parse_vocab)
     preds = predict_dataset(package, data, settings.decode.batch_size, settings.decode.max_parse_len)
     report = evaluate(rows, preds)

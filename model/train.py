@@ -18,7 +18,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from model.data.manifest import ManifestRow, read_manifest
 from model.dataset import SLUDataset, collate, load_features, make_batches
 from model.decoding import choose_clarify_threshold
 from model.evaluation import EvaluationReport, evaluate
-from model.features import FeatureConfig, SpecAugment
+from model.features import FeatureConfig, SpecAugment, normalise_features
 from model.inference import SLUPredictor
 from model.losses import ctc_loss, intent_loss, make_weighting, parse_loss
 from model.network import EncoderConfig, JointModel, ModelConfig
@@ -40,18 +40,23 @@ from model.package import ModelPackage, save_package
 from model.plots import plot_learning_curves
 from model.prediction import Prediction
 from model.tokens import CharVocab, CTCVocab, ParseVocab, WordVocab
-from voiceloop.settings import Settings
+from voiceloop.settings import ModelSettings, Settings
 
 __all__ = [
     "TeacherLayout",
     "TrainResult",
+    "WarmupCosine",
     "build_ctc_vocab",
     "build_model",
     "build_vocab",
     "feature_config",
     "load_split",
     "predict_dataset",
+    "save_checkpoint",
+    "seed_everything",
     "train_teacher",
+    "validate_model",
+    "write_history",
 ]
 
 log = logging.getLogger(__name__)
@@ -131,12 +136,15 @@ def build_ctc_vocab(settings: Settings, vocab: ParseVocab) -> CTCVocab:
     return WordVocab(vocab.words) if settings.model.ctc_units == "word" else CharVocab()
 
 
-def build_model(settings: Settings, vocab: ParseVocab, ctc_vocab: CTCVocab) -> JointModel:
-    m = settings.model
+def build_model(
+    settings: Settings, vocab: ParseVocab, ctc_vocab: CTCVocab, shape: ModelSettings | None = None
+) -> JointModel:
+    """A fresh model of ``shape`` (default: the teacher's, ``settings.model``)."""
+    m = shape or settings.model
     enc = EncoderConfig(
         n_mels=settings.features.n_mels, d_model=m.d_model, layers=m.encoder_layers,
         heads=m.heads, ffn_mult=m.ffn_mult, conv_kernel=m.conv_kernel,
-        subsampling=m.subsampling, dropout=m.dropout,
+        subsampling=m.subsampling, dropout=m.dropout, causal_conv=m.causal_conv,
     )
     cfg = ModelConfig(
         encoder=enc, n_chars=len(ctc_vocab), n_intents=len(vocab.intents),
@@ -147,13 +155,13 @@ def build_model(settings: Settings, vocab: ParseVocab, ctc_vocab: CTCVocab) -> J
     return JointModel(cfg)
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-class _WarmupCosine:
+class WarmupCosine:
     """LR factor: linear warm-up, then cosine decay to ``floor`` at ``total`` steps.
 
     ``total`` can be shortened after the first epoch, when a time budget turns out to
@@ -179,10 +187,11 @@ def predict_dataset(
     return [predictor.to_prediction(r.id, d) for r, d in zip(data.rows, decoded, strict=True)]
 
 
-def _validate(
+def validate_model(
     model: JointModel, settings: Settings, data: SLUDataset, vocab: ParseVocab,
     ctc_vocab: CTCVocab, feats: FeatureConfig,
 ) -> tuple[EvaluationReport, list[Prediction]]:
+    """Score ``model`` on ``data`` (its cached features); hands it back in training mode."""
     model.eval()
     package = ModelPackage(model, feats, vocab, ctc_vocab=ctc_vocab)
     preds = predict_dataset(package, data, settings.decode.batch_size, settings.decode.max_parse_len)
@@ -190,7 +199,7 @@ def _validate(
     return evaluate(data.rows, preds), preds
 
 
-def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
     keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys)
@@ -198,14 +207,22 @@ def _write_history(path: Path, history: list[dict[str, float]]) -> None:
         writer.writerows(history)
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
 
 
-def load_split(settings: Settings, split: str, progress: bool) -> tuple[list[ManifestRow], list]:
+def load_split(
+    settings: Settings, split: str, progress: bool, features: FeatureConfig | None = None
+) -> tuple[list[ManifestRow], list]:
+    """Rows of ``split`` and their features ``[(T_i, F)]`` (fp16, cached).
+
+    ``features`` defaults to the teacher's configuration from ``settings``. A ``global``
+    configuration (the streaming student's) is served from the cache of raw log-mels,
+    normalised with its statistics on the way out.
+    """
     layout = CorpusLayout(settings.corpus_dir)
     path = layout.manifest(split)
     if not path.exists():
@@ -214,10 +231,14 @@ def load_split(settings: Settings, split: str, progress: bool) -> tuple[list[Man
             f"(voiceloop corpus -p {settings.profile})"
         )
     rows = read_manifest(path)
+    cfg = features or feature_config(settings)
+    cached_cfg = replace(cfg, normalise="none", mean=None, std=None) if cfg.normalise == "global" else cfg
     feats = load_features(
-        rows, layout.manifests_dir, feature_config(settings),
+        rows, layout.manifests_dir, cached_cfg,
         settings.workspace / "features" / settings.profile, progress,
     )
+    if cfg.normalise == "global":
+        feats = [normalise_features(f, cfg).to(torch.float16) for f in feats]
     return rows, feats
 
 
@@ -243,7 +264,7 @@ def train_teacher(
     start_time = time.perf_counter()
     ts = settings.train
     torch.set_num_threads(ts.threads)
-    _seed_everything(settings.seed)
+    seed_everything(settings.seed)
     layout = TeacherLayout(out_dir or settings.models_dir / "teacher")
     layout.root.mkdir(parents=True, exist_ok=True)
 
@@ -278,7 +299,7 @@ def train_teacher(
         lr=ts.lr,
     )
     batches_per_epoch = len(make_batches(train.lengths, ts.batch_max_frames))
-    schedule = _WarmupCosine(ts.warmup_steps, ts.epochs * batches_per_epoch, ts.min_lr_ratio)
+    schedule = WarmupCosine(ts.warmup_steps, ts.epochs * batches_per_epoch, ts.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     specaug = SpecAugment(**settings.features.specaugment.model_dump())
     np_rng = np.random.default_rng(settings.seed)
@@ -366,7 +387,7 @@ def train_teacher(
                     "step/grad_norm": float(grad_norm),
                 }, step)
         train_s = time.perf_counter() - epoch_start
-        report, _ = _validate(model, settings, valid, vocab, ctc_vocab, feats_cfg)
+        report, _ = validate_model(model, settings, valid, vocab, ctc_vocab, feats_cfg)
         if epoch == 0 and ts.max_minutes is not None:
             spent = time.perf_counter() - start_time
             epoch_s = time.perf_counter() - epoch_start
@@ -398,10 +419,10 @@ def train_teacher(
         if improved:
             best_semer, best_epoch, stale = o.semer, epoch, 0
             best_valid = {k: v for k, v in row.items() if k.startswith("valid_")}
-            _save_checkpoint(layout.best, {"model": model.state_dict(), "epoch": epoch})
+            save_checkpoint(layout.best, {"model": model.state_dict(), "epoch": epoch})
         elif epoch + 1 > ts.min_epochs:
             stale += 1
-        _save_checkpoint(layout.last, {
+        save_checkpoint(layout.last, {
             "model": model.state_dict(), "weighting": weighting.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "step": step, "best_semer": best_semer, "best_epoch": best_epoch,
@@ -410,7 +431,7 @@ def train_teacher(
             "torch_rng": torch.get_rng_state(), "run_id": run_id,
             "schedule_total": schedule.total,
         })
-        _write_history(layout.history, history)
+        write_history(layout.history, history)
         epoch += 1
         if stale >= ts.early_stopping_patience:
             stopped = f"early stopping: no SemER gain for {stale} epochs"
@@ -422,7 +443,7 @@ def train_teacher(
 
     # The best epoch becomes the model; its clarify threshold is set on validation data.
     model.load_state_dict(torch.load(layout.best, weights_only=False)["model"])
-    _, preds = _validate(model, settings, valid, vocab, ctc_vocab, feats_cfg)
+    _, preds = validate_model(model, settings, valid, vocab, ctc_vocab, feats_cfg)
     model.eval()  # _validate hands the model back in training mode
     threshold = choose_clarify_threshold(
         [p.confidence for p in preds],

@@ -227,6 +227,48 @@ def evaluate(
 
 
 @app.command()
+def distill(
+    profile: ProfileOpt = None,
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(help="Teacher model folder (default: WORKSPACE/models/PROFILE/teacher/model)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the last checkpoint if there is one.")
+    ] = True,
+    track: Annotated[
+        bool, typer.Option(help="Log to MLflow and register the deploy bundle (pyfunc).")
+    ] = True,
+    quiet: QuietOpt = False,
+) -> None:
+    """Distil the teacher into the small streaming student, with quantisation-aware
+    training, and export it as an int8 ONNX deploy bundle.
+
+    Knowledge distillation (temperature-scaled KL on CTC frames, intent and parse tokens,
+    mixed with ground-truth losses by `student.distill` weights in params.yaml),
+    dynamic-chunk attention training (one model for streaming and full context), fake int8
+    quantisation in the last part of training (`student.qat`). Then the int8 bundle is
+    scored on the test split next to the teacher (`eval/test/comparison.md`), and, with
+    `--track`, registered as an MLflow pyfunc model `voiceloop-slu@candidate`.
+    Writes `WORKSPACE/models/PROFILE/student/`.
+    """
+    from model.distill import run_distill_stage
+
+    _setup_logging(quiet)
+    settings = load_settings(params, profile, workspace)
+    outcome = run_distill_stage(settings, teacher, progress=not quiet, resume=resume, track=track)
+    r, c = outcome.result, outcome.comparison
+    typer.echo(
+        f"student '{settings.profile}': {r.parameters / 1e6:.2f} M parameters, {r.epochs_run} "
+        f"epochs in {r.wall_s / 60:.1f} min ({r.stopped}); QAT from epoch {r.qat_start_epoch}\n"
+        + c.to_markdown()
+        + (f"registered as {outcome.registered}\n" if outcome.registered else "")
+    )
+
+
+@app.command()
 def predict(
     model: ModelOpt,
     manifest: Annotated[

@@ -205,6 +205,7 @@ class ModelSettings(_Strict):
     max_parse_len: int = Field(48, ge=8)
     ctc_units: Literal["char", "word"] = "char"
     ctc_upsample: int = Field(2, ge=1, le=4)
+    causal_conv: bool = False   # the streaming student: convolutions see only the past
 
 
 class LossSettings(_Strict):
@@ -262,6 +263,56 @@ class DecodeSettings(_Strict):
     batch_size: int = Field(16, ge=1)
 
 
+class DistillSettings(_Strict):
+    """Knowledge distillation. The student's loss is
+    ``Σ weights[t]·L_t(ground truth) + Σ kd_weights[t]·T²·KL(teacher^T ‖ student^T)``
+    over t ∈ {ctc, intent, parse}, plus ``kd_weights.hidden`` × encoder-state MSE.
+    ``labelled: false`` drops the ground-truth terms and decodes the teacher's own parse
+    as the decoder's target sequence (what the retraining flow does on production audio).
+    """
+
+    temperature: float = Field(2.0, gt=0)
+    weights: dict[Literal["ctc", "intent", "parse"], float] = {
+        "ctc": 0.5, "intent": 0.5, "parse": 0.5
+    }
+    kd_weights: dict[Literal["ctc", "intent", "parse", "hidden"], float] = {
+        "ctc": 1.0, "intent": 1.0, "parse": 1.0, "hidden": 0.0
+    }
+    labelled: bool = True
+
+
+class QATSettings(_Strict):
+    """Quantisation-aware training: fake int8 quantisation (the ONNX Runtime dynamic
+    scheme) is switched on after ``start_fraction`` of the planned epochs; the best
+    epoch is chosen among the QAT epochs, so the chosen weights are the ones that were
+    trained with rounding."""
+
+    enabled: bool = True
+    start_fraction: float = Field(0.6, ge=0, lt=1)
+
+
+class StreamingSettings(_Strict):
+    """Dynamic-chunk training (one model for every latency): each batch uses full
+    context with probability ``full_context_p``, else a chunk of ``chunks`` (encoder
+    frames, drawn uniformly) with ``left_chunks`` of left context (null = all).
+    ``eval_chunks``: chunk sizes the benchmark reports accuracy for (0 = full context)."""
+
+    chunks: list[int] = [1, 2, 4, 8]
+    full_context_p: float = Field(0.5, ge=0, le=1)
+    left_chunks: int | None = Field(None, ge=1)
+    eval_chunks: list[int] = [1, 2, 4, 0]
+
+
+class StudentSettings(_Strict):
+    """The deployed model: a smaller, causal encoder distilled from the teacher."""
+
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    distill: DistillSettings = DistillSettings()
+    qat: QATSettings = QATSettings()
+    streaming: StreamingSettings = StreamingSettings()
+
+
 class TrackingSettings(_Strict):
     """MLflow. ``tracking_uri`` empty → SQLite in ``<workspace>/mlflow/mlflow.db`` with
     artifacts in ``<workspace>/mlflow/artifacts``."""
@@ -282,6 +333,7 @@ class Settings(_Strict):
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
     decode: DecodeSettings = DecodeSettings()
+    student: StudentSettings = StudentSettings()
     tracking: TrackingSettings = TrackingSettings()
 
     @property

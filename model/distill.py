@@ -1,0 +1,521 @@
+"""Student training: knowledge distillation from the teacher, dynamic-chunk streaming
+training and quantisation-aware training, then export to an int8 deploy bundle.
+
+``train_student`` is what ``voiceloop distill`` and the DVC stage ``distill`` run. It
+writes to ``<workspace>/models/<profile>/student/``:
+
+- ``checkpoints/{last,best}.pt`` (resume point; best among the deployable epochs);
+- ``pre_qat_model/`` (the fp32 student when QAT started: the post-training-quantisation
+  baseline the benchmark compares against);
+- ``model/`` (torch package of the chosen epoch, weights baked onto the int8 grid; the
+  streaming recogniser runs it), ``deploy/`` (ONNX int8 bundle users get),
+  ``deploy_fp32/`` (its float twin);
+- ``history.csv``, ``learning_curves.png``, ``train_metrics.json``, ``run.json``.
+
+Data flow per batch: cached raw log-mels → utterance-normalised for the teacher (its
+training condition) and globally normalised + SpecAugment for the student (streamable).
+The teacher runs frozen in eval mode under the same teacher-forced parse prefix, so
+every KD term compares distributions over the same targets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from model.compare import Comparison, compare_models
+from model.dataset import SLUDataset, collate, make_batches
+from model.decoding import choose_clarify_threshold, greedy_parse
+from model.distill_losses import hidden_mse, kd_ctc, kd_intent, kd_parse
+from model.features import FeatureConfig, SpecAugment, global_stats, normalise_features
+from model.losses import ctc_loss, intent_loss, parse_loss
+from model.network import JointModel, JointOutput
+from model.package import ModelPackage, load_package, save_package
+from model.plots import plot_learning_curves
+from model.qat import QATHandle, prepare_qat
+from model.streaming import chunk_attention_mask
+from model.tokens import ParseVocab
+from model.train import (
+    WarmupCosine,
+    build_model,
+    load_split,
+    save_checkpoint,
+    seed_everything,
+    validate_model,
+    write_history,
+)
+from voiceloop.settings import Settings
+
+__all__ = [
+    "DistillOutcome",
+    "StudentLayout",
+    "StudentResult",
+    "ctc_frame_ms",
+    "run_distill_stage",
+    "train_student",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudentLayout:
+    """Files of one student run under ``root``."""
+
+    root: Path
+
+    @property
+    def last(self) -> Path:
+        return self.root / "checkpoints" / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "checkpoints" / "best.pt"
+
+    @property
+    def pre_qat_dir(self) -> Path:
+        return self.root / "pre_qat_model"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def deploy_dir(self) -> Path:
+        return self.root / "deploy"
+
+    @property
+    def deploy_fp32_dir(self) -> Path:
+        return self.root / "deploy_fp32"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.csv"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "train_metrics.json"
+
+    @property
+    def curves(self) -> Path:
+        return self.root / "learning_curves.png"
+
+    @property
+    def run_file(self) -> Path:
+        return self.root / "run.json"
+
+
+@dataclass
+class StudentResult:
+    """Summary of a distillation run."""
+
+    model_dir: Path
+    deploy_dir: Path
+    run_id: str | None
+    epochs_run: int
+    best_epoch: int
+    qat_start_epoch: int | None
+    best_valid: dict[str, float]
+    parameters: int
+    wall_s: float
+    stopped: str
+
+
+def ctc_frame_ms(model: JointModel, hop_ms: float) -> float:
+    """Duration of one CTC label slot in ms (subsampling × hop / upsampling)."""
+    return model.cfg.encoder.subsampling * hop_ms / model.cfg.ctc_upsample
+
+
+def _normalised_batch(raw: list[Tensor], cfg: FeatureConfig) -> Tensor:
+    """``raw`` ``[(T_i, F)]`` normalised with ``cfg``, zero-padded to ``(B, T, F)``."""
+    feats = [normalise_features(f, cfg) for f in raw]
+    return nn.utils.rnn.pad_sequence(feats, batch_first=True)
+
+
+def _parse_tensors(sequences: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Token id lists (no bos/eos) → decoder input, target and padding mask ``(B, U)``."""
+    width = max(len(s) for s in sequences) + 1
+    parse_in = torch.full((len(sequences), width), ParseVocab.PAD, dtype=torch.long)
+    parse_out = torch.full_like(parse_in, ParseVocab.PAD)
+    for b, seq in enumerate(sequences):
+        parse_in[b, : len(seq) + 1] = torch.tensor([ParseVocab.BOS, *seq])
+        parse_out[b, : len(seq) + 1] = torch.tensor([*seq, ParseVocab.EOS])
+    return parse_in, parse_out, parse_in == ParseVocab.PAD
+
+
+@torch.no_grad()
+def _teacher_outputs(
+    teacher: JointModel, feats: Tensor, lengths: Tensor, parse_in: Tensor | None,
+    parse_pad: Tensor | None, max_parse_len: int, bf16: bool,
+) -> tuple[JointOutput, Tensor, Tensor, Tensor]:
+    """Teacher outputs under teacher forcing.
+
+    With ``parse_in`` None (unlabelled audio) the teacher first decodes its own parse,
+    which then serves as the decoder prefix for both models and as the student's
+    target. Returns the outputs and the ``(parse_in, parse_out, parse_pad)`` used.
+    """
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        if parse_in is None:
+            enc, _, pad = teacher.encode(feats, lengths)
+            sequences, _ = greedy_parse(teacher, enc, pad, max_parse_len)
+            parse_in, parse_out, parse_pad = _parse_tensors(sequences)
+        else:
+            parse_out = torch.empty(0)
+        out = teacher(feats, lengths, parse_in, parse_pad)
+    assert parse_pad is not None
+    return out, parse_in, parse_out, parse_pad
+
+
+def _chunk_mask(
+    student: JointModel, lengths: Tensor, rng: np.random.Generator, chunks: list[int],
+    full_context_p: float, left_chunks: int | None,
+) -> Tensor | None:
+    """Dynamic-chunk training: full context or a random chunk size for this batch."""
+    if not chunks or rng.random() < full_context_p:
+        return None
+    frames = int(student.encoder.subsampling.output_lengths(lengths).max())
+    return chunk_attention_mask(frames, int(rng.choice(chunks)), left_chunks)
+
+
+def train_student(
+    settings: Settings,
+    teacher_dir: Path | None = None,
+    progress: bool = True,
+    resume: bool = True,
+    out_dir: Path | None = None,
+    track: bool = True,
+) -> StudentResult:
+    """Distil the teacher into the student of ``settings.student`` and export it.
+
+    Args:
+        settings: parsed params (``student`` section).
+        teacher_dir: teacher package folder (default ``<models_dir>/teacher/model``).
+        progress: progress bars.
+        resume: continue from ``checkpoints/last.pt`` when it exists.
+        out_dir: run folder (default ``<models_dir>/student``).
+        track: MLflow logging, and registration of the deploy bundle as a pyfunc.
+    """
+    from model.export import export_onnx, quantize_bundle
+    from voiceloop.tracking import RunLogger
+
+    start_time = time.perf_counter()
+    st = settings.student
+    ts, ds = st.train, st.distill
+    torch.set_num_threads(ts.threads)
+    seed_everything(settings.seed)
+    layout = StudentLayout(out_dir or settings.models_dir / "student")
+    layout.root.mkdir(parents=True, exist_ok=True)
+
+    teacher_dir = teacher_dir or settings.models_dir / "teacher" / "model"
+    teacher_pkg = load_package(teacher_dir)
+    teacher = teacher_pkg.model.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    vocab, ctc_vocab = teacher_pkg.parse_vocab, teacher_pkg.ctc_vocab
+
+    raw_cfg = replace(teacher_pkg.features, normalise="none", mean=None, std=None)
+    train_rows, train_raw = load_split(settings, "train", progress, raw_cfg)
+    valid_rows, valid_raw = load_split(settings, "valid", progress, raw_cfg)
+    if ts.max_train_utterances and len(train_rows) > ts.max_train_utterances:
+        keep = sorted(np.random.default_rng(settings.seed + 1).choice(
+            len(train_rows), ts.max_train_utterances, replace=False))
+        train_rows, train_raw = [train_rows[i] for i in keep], [train_raw[i] for i in keep]
+    if ts.eval_max_utterances and len(valid_rows) > ts.eval_max_utterances:
+        keep = sorted(np.random.default_rng(settings.seed).choice(
+            len(valid_rows), ts.eval_max_utterances, replace=False))
+        valid_rows, valid_raw = [valid_rows[i] for i in keep], [valid_raw[i] for i in keep]
+    mean, std = global_stats(train_raw)
+    student_cfg = replace(raw_cfg, normalise="global", mean=mean, std=std)
+    train = SLUDataset(train_rows, train_raw, ctc_vocab, vocab)
+    valid = SLUDataset(
+        valid_rows, [normalise_features(f, student_cfg) for f in valid_raw], ctc_vocab, vocab)
+
+    student = build_model(settings, vocab, ctc_vocab, st.model)
+    rates = (ctc_frame_ms(student, raw_cfg.hop_ms), ctc_frame_ms(teacher, raw_cfg.hop_ms))
+    if rates[0] != rates[1]:
+        raise ValueError(
+            f"student CTC slots are {rates[0]} ms but the teacher's are {rates[1]} ms: choose "
+            "student subsampling/ctc_upsample so that frame-level distillation aligns")
+    projection = nn.Linear(student.cfg.encoder.d_model, teacher.cfg.encoder.d_model)
+    optimizer = torch.optim.AdamW(
+        [{"params": student.parameters()}, {"params": projection.parameters()}],
+        lr=ts.lr, weight_decay=ts.weight_decay,
+    )
+    batches_per_epoch = len(make_batches(train.lengths, ts.batch_max_frames))
+    schedule = WarmupCosine(ts.warmup_steps, ts.epochs * batches_per_epoch, ts.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    specaug = SpecAugment(**settings.features.specaugment.model_dump())
+    np_rng = np.random.default_rng(settings.seed)
+    aug_gen = torch.Generator().manual_seed(settings.seed)
+    qat_start = math.ceil(st.qat.start_fraction * ts.epochs) if st.qat.enabled else None
+
+    epoch, step, best_semer, best_epoch, stale = 0, 0, math.inf, -1, 0
+    history: list[dict[str, float]] = []
+    best_valid: dict[str, float] = {}
+    run_id: str | None = None
+    qat: QATHandle | None = None
+    if resume and layout.last.exists():
+        state = torch.load(layout.last, weights_only=False)
+        qat_start = state["qat_start"]
+        if state["qat_active"]:
+            qat = prepare_qat(student)
+        student.load_state_dict(state["model"])
+        projection.load_state_dict(state["projection"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        schedule.total = state["schedule_total"]
+        epoch, step = state["epoch"] + 1, state["step"]
+        best_semer, best_epoch, stale = state["best_semer"], state["best_epoch"], state["stale"]
+        history, best_valid = state["history"], state["best_valid"]
+        np_rng.bit_generator.state = state["np_rng"]
+        aug_gen.set_state(state["aug_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        run_id = state.get("run_id")
+        log.info("resumed from %s at epoch %d", layout.last, epoch)
+
+    tracker: RunLogger | None = None
+    if track:
+        tracker = (
+            RunLogger.attach(settings, run_id) if run_id
+            else RunLogger.start(settings, f"student-{settings.profile}",
+                                 {"stage": "distill", "profile": settings.profile,
+                                  "teacher_version": teacher_pkg.version})
+        )
+        run_id = tracker.run_id
+        layout.run_file.write_text(json.dumps({"run_id": run_id}), encoding="utf-8")
+        tracker.log_params({
+            "profile": settings.profile, "seed": settings.seed,
+            "student": st.model_dump(), "parameters": student.num_parameters(),
+            "teacher_parameters": teacher.num_parameters(), "teacher": str(teacher_dir),
+            "teacher_version": teacher_pkg.version, "train_utterances": len(train),
+        })
+
+    stopped = "epochs"
+    student.train()
+    w, kw = ds.weights, ds.kd_weights
+    while epoch < ts.epochs:
+        if qat_start is not None and epoch >= qat_start and qat is None:
+            # Keep the float student QAT starts from: the PTQ baseline of the benchmark.
+            student.eval()
+            save_package(ModelPackage(student, student_cfg, vocab, 0.0,
+                                      {"version": f"student-pre-qat-{settings.profile}",
+                                       "role": "student-pre-qat"}, ctc_vocab),
+                         layout.pre_qat_dir)
+            student.train()
+            qat = prepare_qat(student)
+            # Only epochs trained with rounding may be chosen from now on.
+            best_semer, best_epoch, stale = math.inf, -1, 0
+            log.info("epoch %d: quantisation-aware training starts (%d layers)", epoch,
+                     len(qat.modules))
+        batches = make_batches(train.lengths, ts.batch_max_frames, rng=np_rng)
+        sums: dict[str, float] = {}
+        epoch_start = time.perf_counter()
+        bar = tqdm(batches, desc=f"student epoch {epoch}", unit="batch", disable=not progress)
+        for i, idx in enumerate(bar):
+            batch = collate(train, idx)
+            raw = [train.feats[j] for j in idx]
+            t_feats = _normalised_batch(raw, teacher_pkg.features)
+            s_feats = specaug(_normalised_batch(raw, student_cfg), batch.lengths, aug_gen)
+            labelled = ds.labelled
+            t_out, parse_in, parse_out, parse_pad = _teacher_outputs(
+                teacher, t_feats, batch.lengths,
+                batch.parse_in if labelled else None, batch.parse_pad_mask if labelled else None,
+                settings.decode.max_parse_len, ts.bf16,
+            )
+            if labelled:
+                parse_out = batch.parse_out
+            mask = _chunk_mask(student, batch.lengths, np_rng, st.streaming.chunks,
+                               st.streaming.full_context_p, st.streaming.left_chunks)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ts.bf16):
+                s_out = student(s_feats, batch.lengths, parse_in, parse_pad, mask)
+            assert s_out.parse_logits is not None and t_out.parse_logits is not None
+            T = ds.temperature
+            terms: dict[str, Tensor] = {
+                "kd_ctc": kd_ctc(s_out.ctc_logits, s_out.ctc_lengths, t_out.ctc_logits,
+                                 t_out.ctc_lengths, T),
+                "kd_intent": kd_intent(s_out.intent_logits, t_out.intent_logits, T),
+                "kd_parse": kd_parse(s_out.parse_logits, t_out.parse_logits, parse_pad, T),
+            }
+            if kw["hidden"] > 0:
+                terms["kd_hidden"] = hidden_mse(s_out.encoder, s_out.encoder_lengths,
+                                                t_out.encoder, t_out.encoder_lengths, projection)
+            if labelled:
+                terms["ctc"] = ctc_loss(s_out.ctc_logits, s_out.ctc_lengths, batch.ctc_targets,
+                                        batch.ctc_lengths)
+                terms["intent"] = intent_loss(s_out.intent_logits, batch.intents)
+                terms["parse"] = parse_loss(s_out.parse_logits, parse_out,
+                                            ts.loss.label_smoothing)
+            weights = {"kd_ctc": kw["ctc"], "kd_intent": kw["intent"], "kd_parse": kw["parse"],
+                       "kd_hidden": kw["hidden"], "ctc": w["ctc"], "intent": w["intent"],
+                       "parse": w["parse"]}
+            total = sum((weights[k] * v for k, v in terms.items()), torch.zeros(()))
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            grad_norm = nn.utils.clip_grad_norm_(student.parameters(), ts.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            values = {k: float(v.detach()) for k, v in terms.items()}
+            values["total"] = float(total.detach())
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if progress:
+                bar.set_postfix(kd_ctc=f"{values['kd_ctc']:.2f}", total=f"{values['total']:.2f}")
+            if tracker and step % ts.log_every_steps == 0:
+                tracker.log_metrics({
+                    **{f"step/loss_{k}": v for k, v in values.items()},
+                    "step/lr": scheduler.get_last_lr()[0], "step/grad_norm": float(grad_norm),
+                    "step/qat": float(qat is not None),
+                    "step/chunk": 0.0 if mask is None else float(
+                        (~mask[0]).sum()),  # frames the first query may see
+                }, step)
+        train_s = time.perf_counter() - epoch_start
+        report, _ = validate_model(student, settings, valid, vocab, ctc_vocab, student_cfg)
+        if epoch == 0 and ts.max_minutes is not None:
+            spent = time.perf_counter() - start_time
+            epoch_s = time.perf_counter() - epoch_start
+            fits = 1 + int(max(0.0, ts.max_minutes * 60 - spent) // epoch_s)
+            if fits < ts.epochs:
+                schedule.total = max(1, fits) * batches_per_epoch
+                if qat_start is not None:
+                    qat_start = min(max(1, math.ceil(st.qat.start_fraction * fits)), fits - 1)
+                log.info("time budget fits ~%d epochs; QAT from epoch %s", fits, qat_start)
+        o = report.overall
+        row = {
+            "epoch": epoch,
+            **{f"train_loss_{k}": v / len(batches) for k, v in sums.items()},
+            "valid_semer": o.semer, "valid_wer": o.wer, "valid_cer": o.cer,
+            "valid_intent_accuracy": o.intent_accuracy, "valid_slot_f1": o.slot_f1,
+            "valid_exact_match": o.exact_match, "lr": scheduler.get_last_lr()[0],
+            "qat": float(qat is not None), "train_utt_per_s": len(train) / train_s,
+            "epoch_s": time.perf_counter() - epoch_start,
+        }
+        history.append(row)
+        log.info("student epoch %d%s: semer %.3f wer %.3f intent %.3f slot-f1 %.3f (%.0f s)",
+                 epoch, " [QAT]" if qat else "", o.semer, o.wer, o.intent_accuracy,
+                 o.slot_f1, row["epoch_s"])
+        if tracker:
+            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
+        if o.semer < best_semer - 1e-6:
+            best_semer, best_epoch, stale = o.semer, epoch, 0
+            best_valid = {k: v for k, v in row.items() if k.startswith("valid_")}
+            save_checkpoint(layout.best, {"model": student.state_dict(), "epoch": epoch,
+                                          "qat_active": qat is not None})
+        elif epoch + 1 > ts.min_epochs:
+            stale += 1
+        save_checkpoint(layout.last, {
+            "model": student.state_dict(), "projection": projection.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "schedule_total": schedule.total, "epoch": epoch, "step": step,
+            "best_semer": best_semer, "best_epoch": best_epoch, "stale": stale,
+            "history": history, "best_valid": best_valid, "np_rng": np_rng.bit_generator.state,
+            "aug_gen": aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "run_id": run_id, "qat_start": qat_start, "qat_active": qat is not None,
+        })
+        write_history(layout.history, history)
+        epoch += 1
+        if stale >= ts.early_stopping_patience and (qat_start is None or qat is not None):
+            stopped = f"early stopping: no SemER gain for {stale} epochs"
+            break
+        elapsed_min = (time.perf_counter() - start_time) / 60
+        if ts.max_minutes is not None and elapsed_min + row["epoch_s"] / 60 > ts.max_minutes:
+            stopped = f"time budget: {elapsed_min:.1f} of {ts.max_minutes} minutes used"
+            break
+
+    best = torch.load(layout.best, weights_only=False)
+    if best["qat_active"] and qat is None:
+        qat = prepare_qat(student)
+    student.load_state_dict(best["model"])
+    if qat is not None:
+        qat.strip(bake=True)  # weights now lie on the int8 grid the deploy bundle uses
+    _, preds = validate_model(student, settings, valid, vocab, ctc_vocab, student_cfg)
+    student.eval()
+    threshold = choose_clarify_threshold(
+        [p.confidence for p in preds],
+        [p.intent == r.intent for p, r in zip(preds, valid.rows, strict=True)],
+        settings.decode.clarify_target_accuracy,
+    )
+    wall_s = time.perf_counter() - start_time
+    metadata: dict[str, Any] = {
+        "version": f"student-{settings.profile}-{run_id or 'local'}",
+        "role": "student", "profile": settings.profile, "run_id": run_id,
+        "best_epoch": best_epoch, "parameters": student.num_parameters(),
+        "teacher_version": teacher_pkg.version, "qat": qat is not None,
+        "streaming_chunks": st.streaming.chunks,
+    }
+    package = ModelPackage(student, student_cfg, vocab, threshold, metadata, ctc_vocab)
+    save_package(package, layout.model_dir)
+    export_onnx(package, layout.deploy_fp32_dir)
+    quantize_bundle(layout.deploy_fp32_dir, layout.deploy_dir)
+    metrics = {
+        **best_valid, "best_epoch": best_epoch, "epochs_run": len(history),
+        "qat_start_epoch": qat_start if qat_start is not None else -1,
+        "parameters": student.num_parameters(), "teacher_parameters": teacher.num_parameters(),
+        "wall_minutes": round(wall_s / 60, 2), "clarify_threshold": threshold,
+        "train_utt_per_s": float(np.mean([h["train_utt_per_s"] for h in history])),
+    }
+    layout.metrics.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    plot_learning_curves(history, layout.curves, f"student ({settings.profile})")
+    if tracker:
+        tracker.log_metrics({"final/" + k: float(v) for k, v in metrics.items()}, len(history))
+        tracker.log_artifact(layout.curves, "plots")
+        tracker.log_artifact(layout.history, "plots")
+        tracker.log_artifacts(layout.model_dir, "model")
+        tracker.set_tags({"stopped": stopped})
+        tracker.finish()
+    return StudentResult(
+        model_dir=layout.model_dir, deploy_dir=layout.deploy_dir, run_id=run_id,
+        epochs_run=len(history), best_epoch=best_epoch, qat_start_epoch=qat_start,
+        best_valid=best_valid, parameters=student.num_parameters(), wall_s=wall_s,
+        stopped=stopped,
+    )
+
+
+@dataclass
+class DistillOutcome:
+    """What the ``distill`` stage produced: the training result, the teacher/student
+    comparison on the test split, and the registry reference of the deploy bundle."""
+
+    result: StudentResult
+    comparison: Comparison
+    registered: str | None
+
+
+def run_distill_stage(
+    settings: Settings, teacher_dir: Path | None = None, progress: bool = True,
+    resume: bool = True, track: bool = True,
+) -> DistillOutcome:
+    """``train_student``, then score the int8 bundle against the teacher on the test
+    split, log the comparison to the student's MLflow run and register the bundle as a
+    pyfunc model ``<registered_model>@candidate`` (aliases, not deprecated stages)."""
+    teacher_dir = teacher_dir or settings.models_dir / "teacher" / "model"
+    result = train_student(settings, teacher_dir, progress, resume, track=track)
+    root = result.model_dir.parent
+    comparison = compare_models(settings, teacher_dir, root, "test", progress)
+    registered = None
+    if track and result.run_id:
+        from serving.pyfunc import log_pyfunc
+
+        from voiceloop.tracking import RunLogger
+
+        tracker = RunLogger.attach(settings, result.run_id)
+        tracker.log_metrics({f"compare/{k}": float(v) for k, v in comparison.flat().items()}, 0)
+        tracker.log_artifacts(root / "eval" / "test", "evaluation/test")
+        tracker.log_artifacts(result.deploy_dir, "deploy")
+        log_pyfunc(settings, result.run_id, result.deploy_dir, "pyfunc")
+        name = settings.tracking.registered_model
+        version = tracker.register(name, "pyfunc", "candidate")
+        tracker.set_tags({"registered_version": version})
+        tracker.finish()
+        registered = f"models:/{name}@candidate (version {version})"
+    return DistillOutcome(result, comparison, registered)
