@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -11,7 +11,13 @@ from torch import Tensor
 from model.network import JointModel
 from model.tokens import ParseVocab
 
-__all__ = ["choose_clarify_threshold", "ctc_greedy", "greedy_parse"]
+__all__ = [
+    "ParseStep",
+    "choose_clarify_threshold",
+    "ctc_greedy",
+    "greedy_parse",
+    "greedy_parse_steps",
+]
 
 
 def ctc_greedy(logits: Tensor, lengths: Tensor, blank: int = 0) -> list[list[int]]:
@@ -32,6 +38,10 @@ def ctc_greedy(logits: Tensor, lengths: Tensor, blank: int = 0) -> list[list[int
     return out
 
 
+ParseStep = Callable[[Tensor], Tensor]
+"""One decoder step: tokens ``(B, U)`` so far → logits ``(B, P)`` for the next token."""
+
+
 @torch.no_grad()
 def greedy_parse(
     model: JointModel, enc: Tensor, enc_pad_mask: Tensor, max_len: int
@@ -48,15 +58,32 @@ def greedy_parse(
         B token-id lists (without ``<bos>``, up to and excluding ``<eos>``) and the
         ``(B,)`` mean log-probability of the chosen tokens (a parse confidence).
     """
-    b = enc.size(0)
-    tokens = torch.full((b, 1), ParseVocab.BOS, dtype=torch.long)
-    finished = torch.zeros(b, dtype=torch.bool)
-    logp_sum = torch.zeros(b)
-    steps = torch.zeros(b)
     limit = min(max_len, model.parse_decoder.positions.size(0) - 1)
+
+    def step(tokens: Tensor) -> Tensor:
+        return model.parse_decoder(tokens, enc, enc_pad_mask)[:, -1]
+
+    return greedy_parse_steps(step, enc.size(0), limit)
+
+
+@torch.no_grad()
+def greedy_parse_steps(step: ParseStep, batch: int, limit: int) -> tuple[list[list[int]], Tensor]:
+    """The greedy loop of :func:`greedy_parse` over any decoder (torch, ONNX Runtime, …).
+
+    Args:
+        step: tokens ``(B, U)`` int64 (``<bos>`` first) → next-token logits ``(B, P)``.
+        batch: B.
+        limit: most tokens to emit after ``<bos>``.
+
+    Returns:
+        As :func:`greedy_parse`.
+    """
+    tokens = torch.full((batch, 1), ParseVocab.BOS, dtype=torch.long)
+    finished = torch.zeros(batch, dtype=torch.bool)
+    logp_sum = torch.zeros(batch)
+    steps = torch.zeros(batch)
     for _ in range(limit):
-        logits = model.parse_decoder(tokens, enc, enc_pad_mask)[:, -1]
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp = torch.log_softmax(step(tokens).float(), dim=-1)
         best = logp.argmax(dim=-1)
         best = torch.where(finished, torch.full_like(best, ParseVocab.PAD), best)
         logp_sum += torch.where(finished, 0.0, logp.gather(1, best.clamp(min=0)[:, None])[:, 0])

@@ -1,8 +1,16 @@
-"""Batch inference: audio → transcript, intent, slots, confidence (the prediction contract)."""
+"""Batch inference: audio → transcript, intent, slots, confidence (the prediction contract).
+
+:class:`BatchPredictor` holds everything that does not depend on how the network runs:
+audio loading and checks, features, length-sorted batching, turning decoder outputs into
+:class:`Decoded` and :class:`~model.prediction.Prediction`. :class:`SLUPredictor` runs a
+torch :class:`~model.package.ModelPackage`; ``serving.onnx_predictor.OnnxSLUPredictor``
+runs an exported ONNX bundle through the same interface.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -14,11 +22,20 @@ from tqdm import tqdm
 
 from model.audio import AudioError, load_audio, prepare_waveform
 from model.decoding import ctc_greedy, greedy_parse
-from model.features import FeatureExtractor
+from model.features import FeatureConfig, FeatureExtractor
 from model.package import ModelPackage, load_package
 from model.prediction import Prediction
+from model.tokens import CTCVocab, ParseVocab
 
-__all__ = ["Decoded", "SLUPredictor"]
+__all__ = [
+    "BatchOutput",
+    "BatchPredictor",
+    "Decoded",
+    "SLUPredictor",
+    "decoded_to_prediction",
+    "length_sorted_batches",
+    "min_input_frames",
+]
 
 
 @dataclass(frozen=True)
@@ -32,49 +49,113 @@ class Decoded:
     slots: list
 
 
-class SLUPredictor:
-    """Runs a :class:`ModelPackage` on features, waveforms or audio files.
+@dataclass(frozen=True)
+class BatchOutput:
+    """What a network gives for one padded batch of B utterances.
 
-    Utterances are batched by length (``batch_size`` at most) to limit padding; results
-    come back in input order.
+    Attributes:
+        ctc_ids: B greedy CTC unit-id lists.
+        intent_probs: ``(B, I)`` intent posteriors.
+        parses: B parse token-id lists (no ``<bos>``/``<eos>``).
     """
 
-    def __init__(self, package: ModelPackage, batch_size: int = 16, max_parse_len: int = 40) -> None:
-        self.package = package
-        self.model = package.model.eval()
-        self.extractor = FeatureExtractor(package.features)
-        self.ctc_vocab = package.ctc_vocab
+    ctc_ids: list[list[int]]
+    intent_probs: Tensor
+    parses: list[list[int]]
+
+
+def decoded_to_prediction(
+    uid: str, decoded: Decoded, version: str, clarify_threshold: float
+) -> Prediction:
+    """One :class:`Decoded` → the prediction contract (clarify below the threshold)."""
+    return Prediction(
+        id=uid,
+        transcript=" ".join(decoded.transcript.split()),
+        intent=decoded.intent,
+        slots=decoded.slots,
+        confidence=min(1.0, max(0.0, decoded.confidence)),
+        model_version=version,
+        clarify=decoded.confidence < clarify_threshold,
+    )
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices of ``lengths`` sorted by length, in chunks of at most ``batch_size``."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def min_input_frames(subsampling: int) -> int:
+    """Fewest feature frames from which the conv front end (unpadded 3-wide convs, time
+    strides 2,2 / 2,3 / 2,2,2) still emits one encoder frame: 7 for ×4 and ×6, 15 for ×8."""
+    strides = {4: (2, 2), 6: (2, 3), 8: (2, 2, 2)}[subsampling]
+    frames = 1
+    for stride in reversed(strides):
+        frames = (frames - 1) * stride + 3  # inverse of L -> (L - 3) // s + 1
+    return frames
+
+
+class BatchPredictor(ABC):
+    """Runs a network on features, waveforms or audio files (subclasses run the network).
+
+    Utterances are batched by length (``batch_size`` at most) to limit padding; results
+    come back in input order. Subclasses implement :attr:`version` and
+    :meth:`_decode_batch`.
+
+    Args:
+        features: feature settings of the model.
+        parse_vocab, ctc_vocab: the model's vocabularies.
+        clarify_threshold: confidences below it set ``clarify``.
+        subsampling: the encoder's front-end factor (sets the shortest usable audio).
+        batch_size: utterances per forward pass.
+        max_parse_len: longest parse to decode.
+    """
+
+    def __init__(
+        self,
+        features: FeatureConfig,
+        parse_vocab: ParseVocab,
+        ctc_vocab: CTCVocab,
+        clarify_threshold: float,
+        subsampling: int,
+        batch_size: int = 16,
+        max_parse_len: int = 40,
+    ) -> None:
+        self.feature_config = features
+        self.extractor = FeatureExtractor(features)
+        self.parse_vocab = parse_vocab
+        self.ctc_vocab = ctc_vocab
+        self.clarify_threshold = clarify_threshold
         self.batch_size = batch_size
         self.max_parse_len = max_parse_len
-
-    @classmethod
-    def load(cls, folder: Path, **kwargs: int) -> SLUPredictor:
-        return cls(load_package(folder), **kwargs)
+        # T = 1 + N // hop frames; one frame of margin over the front end's minimum.
+        self.min_samples = min_input_frames(subsampling) * self.extractor.hop + self.extractor.hop
 
     @property
+    @abstractmethod
     def version(self) -> str:
-        return self.package.version
+        """The model version written into every prediction."""
+
+    @abstractmethod
+    def _decode_batch(self, feats: Tensor, lengths: Tensor) -> BatchOutput:
+        """Padded features ``(B, T, F)`` float32 and lengths ``(B,)`` int64 → outputs."""
 
     @torch.no_grad()
     def decode_features(self, feats: Sequence[Tensor]) -> list[Decoded]:
         """Decode a list of ``(T_i, F)`` feature arrays."""
-        order = sorted(range(len(feats)), key=lambda i: feats[i].shape[0])
         results: dict[int, Decoded] = {}
-        intents = self.package.parse_vocab.intents
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        intents = self.parse_vocab.intents
+        for idx in length_sorted_batches([f.shape[0] for f in feats], self.batch_size):
             batch = [feats[i].float() for i in idx]
             lengths = torch.tensor([f.shape[0] for f in batch])
             padded = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True)
-            enc, enc_lengths, pad = self.model.encode(padded, lengths)
-            ctc = ctc_greedy(*self.model.ctc(enc, enc_lengths))
-            probs = torch.softmax(self.model.intent_head(enc, pad).float(), dim=-1)
-            conf, best = probs.max(dim=-1)
-            parses, _ = greedy_parse(self.model, enc, pad, self.max_parse_len)
+            out = self._decode_batch(padded, lengths)
+            conf, best = out.intent_probs.float().max(dim=-1)
             for j, i in enumerate(idx):
-                parse_intent, slots = self.package.parse_vocab.decode(parses[j])
+                parse_intent, slots = self.parse_vocab.decode(out.parses[j])
                 results[i] = Decoded(
-                    transcript=self.ctc_vocab.decode(ctc[j]).strip(),
+                    transcript=self.ctc_vocab.decode(out.ctc_ids[j]).strip(),
                     intent=intents[int(best[j])],
                     confidence=float(conf[j]),
                     parse_intent=parse_intent,
@@ -83,15 +164,7 @@ class SLUPredictor:
         return [results[i] for i in range(len(feats))]
 
     def to_prediction(self, uid: str, decoded: Decoded) -> Prediction:
-        return Prediction(
-            id=uid,
-            transcript=" ".join(decoded.transcript.split()),
-            intent=decoded.intent,
-            slots=decoded.slots,
-            confidence=min(1.0, max(0.0, decoded.confidence)),
-            model_version=self.version,
-            clarify=decoded.confidence < self.package.clarify_threshold,
-        )
+        return decoded_to_prediction(uid, decoded, self.version, self.clarify_threshold)
 
     def predict_waveforms(
         self, ids: Sequence[str], waveforms: Sequence[np.ndarray], sample_rates: Sequence[int]
@@ -100,7 +173,7 @@ class SLUPredictor:
 
         A waveform that cannot be used yields a prediction with ``error`` set.
         """
-        target = self.package.features.sample_rate
+        target = self.feature_config.sample_rate
         loaders = [
             partial(prepare_waveform, audio, rate, target)
             for audio, rate in zip(waveforms, sample_rates, strict=True)
@@ -111,7 +184,7 @@ class SLUPredictor:
         self, ids: Sequence[str], paths: Sequence[Path], progress: bool = False
     ) -> list[Prediction]:
         """Predict for audio files; unreadable files give predictions with ``error``."""
-        target = self.package.features.sample_rate
+        target = self.feature_config.sample_rate
         return self._predict(ids, [partial(load_audio, p, target) for p in paths], progress)
 
     def _predict(
@@ -135,8 +208,36 @@ class SLUPredictor:
         ]
 
     def _features(self, waveform: np.ndarray) -> Tensor:
-        # The front end needs at least 7 frames (two 3-wide stride-2 convolutions).
-        min_samples = 8 * self.extractor.hop
-        if waveform.size < min_samples:
-            raise AudioError(f"audio too short: {waveform.size} samples < {min_samples}")
+        if waveform.size < self.min_samples:
+            raise AudioError(f"audio too short: {waveform.size} samples < {self.min_samples}")
         return self.extractor(waveform)
+
+
+class SLUPredictor(BatchPredictor):
+    """Runs a torch :class:`ModelPackage` (see :class:`BatchPredictor`)."""
+
+    def __init__(self, package: ModelPackage, batch_size: int = 16, max_parse_len: int = 40) -> None:
+        super().__init__(
+            package.features, package.parse_vocab, package.ctc_vocab, package.clarify_threshold,
+            package.model.cfg.encoder.subsampling, batch_size, max_parse_len,
+        )
+        self.package = package
+        self.model = package.model.eval()
+
+    @classmethod
+    def load(cls, folder: Path, **kwargs: int) -> SLUPredictor:
+        return cls(load_package(folder), **kwargs)
+
+    @property
+    def version(self) -> str:
+        return self.package.version
+
+    @torch.no_grad()
+    def _decode_batch(self, feats: Tensor, lengths: Tensor) -> BatchOutput:
+        enc, enc_lengths, pad = self.model.encode(feats, lengths)
+        parses, _ = greedy_parse(self.model, enc, pad, self.max_parse_len)
+        return BatchOutput(
+            ctc_ids=ctc_greedy(*self.model.ctc(enc, enc_lengths)),
+            intent_probs=torch.softmax(self.model.intent_head(enc, pad).float(), dim=-1),
+            parses=parses,
+        )
