@@ -268,7 +268,7 @@ def train_student(
         state = torch.load(layout.last, weights_only=False)
         qat_start = state["qat_start"]
         if state["qat_active"]:
-            qat = prepare_qat(student)
+            qat = prepare_qat(student, per_sample_activations=True)
         student.load_state_dict(state["model"])
         projection.load_state_dict(state["projection"])
         optimizer.load_state_dict(state["optimizer"])
@@ -312,7 +312,7 @@ def train_student(
                                        "role": "student-pre-qat"}, ctc_vocab),
                          layout.pre_qat_dir)
             student.train()
-            qat = prepare_qat(student)
+            qat = prepare_qat(student, per_sample_activations=True)
             # Only epochs trained with rounding may be chosen from now on.
             best_semer, best_epoch, stale = math.inf, -1, 0
             log.info("epoch %d: quantisation-aware training starts (%d layers)", epoch,
@@ -434,7 +434,7 @@ def train_student(
 
     best = torch.load(layout.best, weights_only=False)
     if best["qat_active"] and qat is None:
-        qat = prepare_qat(student)
+        qat = prepare_qat(student, per_sample_activations=True)
     student.load_state_dict(best["model"])
     if qat is not None:
         qat.strip(bake=True)  # weights now lie on the int8 grid the deploy bundle uses
@@ -504,7 +504,7 @@ def run_distill_stage(
     comparison = compare_models(settings, teacher_dir, root, "test", progress)
     registered = None
     if track and result.run_id:
-        from serving.pyfunc import log_pyfunc
+        from serving.pyfunc import log_pyfunc, register_pyfunc
 
         from voiceloop.tracking import RunLogger
 
@@ -512,9 +512,11 @@ def run_distill_stage(
         tracker.log_metrics({f"compare/{k}": float(v) for k, v in comparison.flat().items()}, 0)
         tracker.log_artifacts(root / "eval" / "test", "evaluation/test")
         tracker.log_artifacts(result.deploy_dir, "deploy")
-        log_pyfunc(settings, result.run_id, result.deploy_dir, "pyfunc")
+        info = log_pyfunc(tracker.client, result.run_id, result.deploy_dir, "pyfunc",
+                          threads=1, batch_size=settings.decode.batch_size,
+                          max_parse_len=settings.decode.max_parse_len)
         name = settings.tracking.registered_model
-        version = tracker.register(name, "pyfunc", "candidate")
+        version = register_pyfunc(tracker.client, info, name, "candidate")
         tracker.set_tags({"registered_version": version})
         tracker.finish()
         registered = f"models:/{name}@candidate (version {version})"

@@ -1,0 +1,132 @@
+"""Tiny end-to-end distillation: teacher → student with KD, dynamic chunks and QAT →
+int8 ONNX bundle → teacher/student comparison → MLflow pyfunc @candidate → predict.
+
+Checks plumbing and contracts on a model far too small to be accurate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+from mlflow.tracking import MlflowClient
+
+from model.data.corpus import build_corpus
+from model.distill import DistillOutcome, StudentLayout, run_distill_stage, train_student
+from model.package import load_package
+from model.predict import predict_manifest
+from model.streaming import StreamingRecognizer
+from model.train import train_teacher
+from voiceloop.settings import Settings, load_settings
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, DistillOutcome]:
+    torch.set_num_threads(2)
+    settings = load_settings(profile="tiny", workspace=tmp_path_factory.mktemp("ws"))
+    build_corpus(settings, progress=False)
+    train_teacher(settings, progress=False)
+    return settings, run_distill_stage(settings, progress=False)
+
+
+def test_student_training_runs_qat_and_writes_its_files(
+    distilled: tuple[Settings, DistillOutcome],
+) -> None:
+    settings, outcome = distilled
+    result = outcome.result
+    layout = StudentLayout(result.model_dir.parent)
+    assert result.epochs_run == settings.student.train.epochs
+    assert result.qat_start_epoch is not None and 0 < result.qat_start_epoch < result.epochs_run
+    history = layout.history.read_text().splitlines()
+    header = history[0].split(",")
+    qat_col = header.index("qat")
+    flags = [float(line.split(",")[qat_col]) for line in history[1:]]
+    assert flags[0] == 0.0 and flags[-1] == 1.0  # QAT only in the last part
+    for term in ("kd_ctc", "kd_intent", "kd_parse", "ctc", "intent", "parse"):
+        assert f"train_loss_{term}" in header
+    student = load_package(layout.model_dir)
+    assert student.metadata["role"] == "student" and student.metadata["qat"] is True
+    assert student.features.normalise == "global"
+    assert student.model.cfg.encoder.causal_conv
+    assert (layout.pre_qat_dir / "weights.pt").exists()
+    # deployed bundle: int8 weights, far smaller than the float twin
+    model = onnx.load(str(layout.deploy_dir / "encoder.onnx"))
+    int8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8) >= 4
+    fp32_bytes = (layout.deploy_fp32_dir / "encoder.onnx").stat().st_size
+    assert (layout.deploy_dir / "encoder.onnx").stat().st_size < 0.6 * fp32_bytes
+
+
+def test_comparison_and_registration(distilled: tuple[Settings, DistillOutcome]) -> None:
+    settings, outcome = distilled
+    flat = json.loads((outcome.result.model_dir.parent / "eval" / "test" / "comparison.json")
+                      .read_text())
+    for key in ("teacher_intent_accuracy", "student_intent_accuracy", "delta_slot_f1",
+                "wer_relative_increase", "size_ratio"):
+        assert key in flat
+    assert flat["student_bytes"] < flat["teacher_bytes"]
+    client = MlflowClient(settings.tracking_uri)
+    version = client.get_model_version_by_alias(settings.tracking.registered_model, "candidate")
+    assert version.run_id == outcome.result.run_id
+    run = client.get_run(outcome.result.run_id)
+    assert "compare/delta_intent_accuracy" in run.data.metrics
+    assert client.get_metric_history(run.info.run_id, "step/loss_kd_ctc")
+
+
+def test_pyfunc_from_registry_and_predict_cli_path(
+    distilled: tuple[Settings, DistillOutcome], tmp_path: Path
+) -> None:
+    settings, _ = distilled
+    t = np.arange(16000) / 16000
+    sf.write(tmp_path / "a.wav", (0.1 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
+    (tmp_path / "bad.wav").write_bytes(b"nope")
+    uri = f"models:/{settings.tracking.registered_model}@candidate"
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    out = pyfunc.predict(pd.DataFrame({"id": ["a", "b"],
+                                       "audio": [str(tmp_path / "a.wav"),
+                                                 str(tmp_path / "bad.wav")]}))
+    records = list(out.to_dict("records")) if isinstance(out, pd.DataFrame) else list(out)
+    assert records[0]["id"] == "a" and "intent" in records[0] and "slots" in records[0]
+    assert records[1].get("error")
+    manifest = tmp_path / "in.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "audio": "a.wav"}) + "\n")
+    summary = predict_manifest(settings, uri, manifest, tmp_path / "out.jsonl")
+    assert (summary.written, summary.errors) == (1, 0)
+    line = json.loads((tmp_path / "out.jsonl").read_text())
+    assert line["model_version"].startswith("student-tiny")
+
+
+def test_student_streams(distilled: tuple[Settings, DistillOutcome]) -> None:
+    _, outcome = distilled
+    package = load_package(outcome.result.model_dir)
+    session = StreamingRecognizer(package, chunk=2).session()
+    wave = (0.1 * np.random.default_rng(0).standard_normal(24000)).astype(np.float32)
+    for piece in np.array_split(wave, 10):
+        session.accept_audio(piece)
+    final = session.finish()
+    assert final.intent in package.parse_vocab.intents
+
+
+def test_student_resumes_in_the_qat_phase(distilled: tuple[Settings, DistillOutcome]) -> None:
+    settings, outcome = distilled
+    layout = StudentLayout(outcome.result.model_dir.parent)
+    before = torch.load(layout.last, weights_only=False)
+    assert before["qat_active"]
+    st = settings.student
+    more = settings.model_copy(update={"student": st.model_copy(update={
+        "train": st.train.model_copy(update={"epochs": st.train.epochs + 1})})})
+    result = train_student(more, progress=False, track=False)
+    after = torch.load(layout.last, weights_only=False)
+    assert after["epoch"] == before["epoch"] + 1 and after["qat_active"]
+    assert result.epochs_run == st.train.epochs + 1

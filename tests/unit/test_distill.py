@@ -1,0 +1,47 @@
+"""Pure pieces of the distillation loop."""
+
+import numpy as np
+import torch
+
+from model.distill import _chunk_mask, _parse_tensors, ctc_frame_ms
+from model.network import EncoderConfig, JointModel, ModelConfig
+from model.tokens import ParseVocab
+
+torch.set_num_threads(1)
+
+
+def _model(subsampling: int, upsample: int) -> JointModel:
+    return JointModel(ModelConfig(
+        EncoderConfig(d_model=32, layers=1, heads=2, ffn_mult=2, conv_kernel=5,
+                      subsampling=subsampling, causal_conv=True),
+        n_chars=29, n_intents=3, n_parse_tokens=20, decoder_layers=1, decoder_ffn=32,
+        ctc_upsample=upsample,
+    ))
+
+
+def test_teacher_and_student_ctc_slots_align() -> None:
+    # teacher 4 x 10 ms / 2 = 20 ms; student 8 x 10 ms / 4 = 20 ms
+    assert ctc_frame_ms(_model(4, 2), 10.0) == ctc_frame_ms(_model(8, 4), 10.0) == 20.0
+    assert ctc_frame_ms(_model(8, 2), 10.0) == 40.0
+
+
+def test_parse_tensors_from_teacher_decodes() -> None:
+    parse_in, parse_out, pad = _parse_tensors([[5, 6, 7], [8]])
+    b, e, p = ParseVocab.BOS, ParseVocab.EOS, ParseVocab.PAD
+    assert parse_in.tolist() == [[b, 5, 6, 7], [b, 8, p, p]]
+    assert parse_out.tolist() == [[5, 6, 7, e], [8, e, p, p]]
+    assert pad.tolist() == [[False] * 4, [False, False, True, True]]
+
+
+def test_dynamic_chunk_mask_sampling() -> None:
+    model = _model(8, 4)
+    lengths = torch.tensor([400, 300])  # 400 frames -> 49 encoder frames at subsampling 8
+    rng = np.random.default_rng(0)
+    masks = [_chunk_mask(model, lengths, rng, [2, 4], 0.5, None) for _ in range(200)]
+    full = sum(m is None for m in masks)
+    assert 60 < full < 140  # about half the batches use full context
+    chunked = [m for m in masks if m is not None]
+    assert all(m.shape == (49, 49) for m in chunked)
+    # frame 0 sees exactly its own chunk: 2 or 4 frames
+    assert {int((~m[0]).sum()) for m in chunked} == {2, 4}
+    assert _chunk_mask(model, lengths, rng, [], 0.0, None) is None
