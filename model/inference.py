@@ -178,20 +178,22 @@ class BatchPredictor(ABC):
             partial(prepare_waveform, audio, rate, target)
             for audio, rate in zip(waveforms, sample_rates, strict=True)
         ]
-        return self._predict(ids, loaders, progress=False)
+        return self.predict_loaders(ids, loaders)
 
     def predict_files(
         self, ids: Sequence[str], paths: Sequence[Path], progress: bool = False
     ) -> list[Prediction]:
         """Predict for audio files; unreadable files give predictions with ``error``."""
         target = self.feature_config.sample_rate
-        return self._predict(ids, [partial(load_audio, p, target) for p in paths], progress)
+        return self.predict_loaders(ids, [partial(load_audio, p, target) for p in paths], progress)
 
-    def _predict(
-        self, ids: Sequence[str], loaders: Sequence[Callable[[], np.ndarray]], progress: bool
+    def predict_loaders(
+        self, ids: Sequence[str], loaders: Sequence[Callable[[], np.ndarray]], progress: bool = False
     ) -> list[Prediction]:
-        """Load each waveform (a loader raising :class:`AudioError` marks that item as an
-        error), decode the rest in length-sorted batches, and return in input order."""
+        """Predict for audio behind loaders: zero-argument callables returning a float32 mono
+        waveform at the model's sample rate, or raising :class:`AudioError` (that item then
+        becomes a prediction with ``error``). The rest is decoded in length-sorted batches;
+        results come back in input order."""
         feats: dict[int, Tensor] = {}
         errors: dict[int, str] = {}
         for i, load in enumerate(tqdm(loaders, desc="load audio", unit="utt", disable=not progress)):

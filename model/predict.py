@@ -1,4 +1,8 @@
-"""Batch prediction over a JSON Lines manifest (the ``voiceloop predict`` contract)."""
+"""Batch prediction over a JSON Lines manifest (the ``voiceloop predict`` contract).
+
+The model may be a torch package folder, an ONNX deploy bundle, an MLflow pyfunc model
+folder, or an MLflow URI resolving to any of these (see ``serving.onnx_predictor.load_predictor``).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.inference import SLUPredictor
 from model.prediction import Prediction, write_predictions
 from voiceloop.settings import Settings
 
@@ -57,11 +60,14 @@ def predict_manifest(
     progress: bool = False,
 ) -> PredictSummary:
     """Predict every line of ``manifest`` into ``out`` (same order, one line each)."""
+    import torch
+
+    from serving.onnx_predictor import load_predictor
     from voiceloop.tracking import resolve_model_uri
 
-    predictor = SLUPredictor.load(
+    predictor = load_predictor(
         resolve_model_uri(model_uri, settings), batch_size=batch_size,
-        max_parse_len=settings.decode.max_parse_len,
+        max_parse_len=settings.decode.max_parse_len, threads=torch.get_num_threads(),
     )
     items = _read_inputs(manifest)
     readable = [(i, uid, path) for i, (uid, path, problem) in enumerate(items) if problem is None]
