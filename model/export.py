@@ -21,7 +21,10 @@ check lengths first (:func:`model.inference.min_input_frames`). Padding invarian
 survives export: padded frames are masked exactly as in eager mode (tested).
 
 :func:`quantize_bundle` applies ONNX Runtime dynamic quantisation: int8 weights (per output
-channel), uint8 activations quantised on the fly.
+channel), uint8 activations quantised on the fly. Each activation tensor gets one scale,
+computed over the whole padded batch, so in an int8 bundle an utterance's numbers depend
+slightly on its batch-mates (exact padding invariance holds for fp32 only; batch size 1
+gives the utterance-alone result).
 """
 
 from __future__ import annotations
@@ -69,7 +72,18 @@ ENCODER_OUTPUTS = ("encoder", "encoder_lengths", "ctc_logits", "intent_logits")
 DECODER_INPUTS = ("tokens", "encoder", "encoder_lengths")
 DECODER_OUTPUTS = ("logits",)
 
-# Which ops to quantise, chosen by measurement: TODO(measure).
+# Which ops to quantise, chosen by measurement (benchmarks/quant_backends.py: student shape,
+# d_model 96, 4 layers, ×8 subsampling, 3-s utterance, 1 thread, Xeon with AVX512-VNNI/AMX,
+# onnxruntime 1.32, a training job sharing the 2 cores; p50, 200 runs):
+#                          encoder+heads   + 12 decoder steps   bundle
+#   fp32                   1.48 ms         3.84 ms              6.0 MB
+#   int8 MatMul+Gemm       1.24 ms         2.98 ms              2.3 MB
+#   int8 + Conv            3.44 ms         5.17 ms              2.3 MB
+# Quantising convolutions makes the encoder ~2.8× slower: ConvInteger has no fast depthwise
+# kernel and adds a DynamicQuantizeLinear + dequantise around every small conv, and it saves
+# only ~60 kB (the front end and depthwise convs are tiny). So convolutions stay fp32;
+# every matmul-shaped layer (attention, feed-forward, pointwise, heads) is int8 — which is
+# also exactly what model.qat fake-quantises during training.
 DEFAULT_INT8_OP_TYPES: tuple[str, ...] = ("MatMul", "Gemm")
 
 
@@ -236,6 +250,18 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path,
         input_names=list(input_names), output_names=list(output_names),
         dynamic_shapes=dynamic_shapes, external_data=False, optimize=True, verbose=False,
     )
+    _strip_node_metadata(path)
+
+
+def _strip_node_metadata(path: Path) -> None:
+    """Drop the exporter's per-node debugging metadata (source stack traces, FX names):
+    ~9 % of a student graph's bytes, never read at inference."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    for node in graph.graph.node:
+        del node.metadata_props[:]
+    onnx.save(graph, str(path))
 
 
 def _package_config(package: ModelPackage) -> dict[str, Any]:
