@@ -505,7 +505,6 @@ def run_distill_stage(
     registered = None
     if track and result.run_id:
         from serving.pyfunc import log_pyfunc, register_pyfunc
-
         from voiceloop.tracking import RunLogger
 
         tracker = RunLogger.attach(settings, result.run_id)

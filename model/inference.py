@@ -23,6 +23,7 @@ from tqdm import tqdm
 from model.audio import AudioError, load_audio, prepare_waveform
 from model.decoding import ctc_greedy, greedy_parse
 from model.features import FeatureConfig, FeatureExtractor
+from model.network import chunk_attention_mask
 from model.package import ModelPackage, load_package
 from model.prediction import Prediction
 from model.tokens import CTCVocab, ParseVocab
@@ -218,13 +219,19 @@ class BatchPredictor(ABC):
 class SLUPredictor(BatchPredictor):
     """Runs a torch :class:`ModelPackage` (see :class:`BatchPredictor`)."""
 
-    def __init__(self, package: ModelPackage, batch_size: int = 16, max_parse_len: int = 40) -> None:
+    def __init__(
+        self, package: ModelPackage, batch_size: int = 16, max_parse_len: int = 40,
+        chunk: int | None = None,
+    ) -> None:
         super().__init__(
             package.features, package.parse_vocab, package.ctc_vocab, package.clarify_threshold,
             package.model.cfg.encoder.subsampling, batch_size, max_parse_len,
         )
         self.package = package
         self.model = package.model.eval()
+        # Chunked attention (encoder frames per chunk): what streaming with that chunk
+        # size computes (model.streaming proves the equality), at batch speed.
+        self.chunk = chunk
 
     @classmethod
     def load(cls, folder: Path, **kwargs: int) -> SLUPredictor:
@@ -236,7 +243,11 @@ class SLUPredictor(BatchPredictor):
 
     @torch.no_grad()
     def _decode_batch(self, feats: Tensor, lengths: Tensor) -> BatchOutput:
-        enc, enc_lengths, pad = self.model.encode(feats, lengths)
+        mask = None
+        if self.chunk:
+            frames = int(self.model.encoder.subsampling.output_lengths(lengths).max())
+            mask = chunk_attention_mask(frames, self.chunk)
+        enc, enc_lengths, pad = self.model.encode(feats, lengths, mask)
         parses, _ = greedy_parse(self.model, enc, pad, self.max_parse_len)
         return BatchOutput(
             ctc_ids=ctc_greedy(*self.model.ctc(enc, enc_lengths)),

@@ -35,6 +35,7 @@ __all__ = [
     "ModelConfig",
     "ParseDecoder",
     "SelfAttention",
+    "chunk_attention_mask",
     "lengths_to_padding_mask",
 ]
 
@@ -112,6 +113,23 @@ def lengths_to_padding_mask(lengths: Tensor, max_len: int | None = None) -> Tens
     """``(B,)`` lengths → ``(B, T)`` bool mask, True where the frame is padding."""
     max_len = int(lengths.max()) if max_len is None else max_len
     return torch.arange(max_len, device=lengths.device)[None, :] >= lengths[:, None]
+
+
+def chunk_attention_mask(
+    frames: int, chunk: int, left_chunks: int | None = None, device: torch.device | None = None
+) -> Tensor:
+    """``(frames, frames)`` bool mask, True where query frame i may NOT attend key frame j.
+
+    Frame i belongs to chunk ``i // chunk``; it may attend chunk ``c_j`` iff
+    ``c_i - left_chunks <= c_j <= c_i`` (no lower bound when ``left_chunks`` is None).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 frame, got {chunk}")
+    c = torch.arange(frames, device=device) // chunk
+    blocked = c[None, :] > c[:, None]
+    if left_chunks is not None:
+        blocked |= c[None, :] < c[:, None] - left_chunks
+    return blocked
 
 
 class ConvSubsampling(nn.Module):

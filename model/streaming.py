@@ -32,7 +32,7 @@ from torch import Tensor
 from model.decoding import greedy_parse
 from model.features import FeatureExtractor
 from model.inference import Decoded
-from model.network import JointModel, sinusoids
+from model.network import JointModel, chunk_attention_mask, sinusoids
 from model.package import ModelPackage
 
 __all__ = [
@@ -43,23 +43,6 @@ __all__ = [
     "StreamingSession",
     "chunk_attention_mask",
 ]
-
-
-def chunk_attention_mask(
-    frames: int, chunk: int, left_chunks: int | None = None, device: torch.device | None = None
-) -> Tensor:
-    """``(frames, frames)`` bool mask, True where query frame i may NOT attend key frame j.
-
-    Frame i belongs to chunk ``i // chunk``; it may attend chunk ``c_j`` iff
-    ``c_i - left_chunks <= c_j <= c_i`` (no lower bound when ``left_chunks`` is None).
-    """
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1 frame, got {chunk}")
-    c = torch.arange(frames, device=device) // chunk
-    blocked = c[None, :] > c[:, None]
-    if left_chunks is not None:
-        blocked |= c[None, :] < c[:, None] - left_chunks
-    return blocked
 
 
 class StreamingFeatures:

@@ -1,4 +1,5 @@
-"""`dvc repro corpus` on the tiny profile, in a scratch copy of the repository."""
+"""`dvc repro` (corpus → train_teacher → evaluate → distill) on the tiny profile, in a
+scratch copy of the repository."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def scratch_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in _COPY:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src / name, root / name)
-    for package in ("model", "monitoring", "voiceloop"):
+    for package in ("model", "monitoring", "serving", "voiceloop"):
         shutil.copytree(src / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["profile"] = "tiny"
@@ -108,11 +109,16 @@ def test_dvc_repro_trains_evaluates_and_reports_metrics_and_plots(scratch_repo: 
     teacher = scratch_repo / "workspace" / "models" / "tiny" / "teacher"
     assert (teacher / "model" / "weights.pt").exists()
     assert (teacher / "eval" / "test" / "evaluation.md").exists()
+    student = teacher.parent / "student"
+    assert (student / "deploy" / "encoder.onnx").exists()
+    assert (student / "eval" / "test" / "comparison.md").exists()
     metrics = json.loads(_run([*_DVC, "metrics", "show", "--json"], scratch_repo).stdout)
     text = json.dumps(metrics)
-    for key in ("valid_semer", "intent_accuracy", "slu_f1", "utterances"):
+    for key in ("valid_semer", "intent_accuracy", "slu_f1", "utterances", "delta_slot_f1",
+                "qat_start_epoch"):
         assert key in text, key
     plots = _run([*_DVC, "plots", "show", "--json"], scratch_repo).stdout
     assert "history.csv" in plots and "confusion_matrix.png" in plots
+    assert "student/history.csv" in plots
     status = _run([*_DVC, "status"], scratch_repo)
     assert "changed" not in status.stdout

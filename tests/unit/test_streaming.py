@@ -140,3 +140,19 @@ def test_partial_transcripts_arrive_every_chunk_and_end_as_the_final_one() -> No
 def test_streaming_needs_a_causal_model() -> None:
     with pytest.raises(ValueError, match="causal"):
         StreamingRecognizer(_package(_model(causal=False)), chunk=2)
+
+
+def test_batch_predictor_with_chunk_mask_equals_streaming() -> None:
+    """The benchmark scores streaming accuracy with the chunk-masked batch pass."""
+    package = _package(_model())
+    waves = [_wave(1.3, seed=3), _wave(2.1, seed=4)]
+    feats = [FeatureExtractor(_GLOBAL)(w) for w in waves]
+    batched = SLUPredictor(package, chunk=2).decode_features(feats)  # one padded batch
+    for wave, offline in zip(waves, batched, strict=True):
+        session = StreamingRecognizer(package, chunk=2).session()
+        for piece in np.array_split(wave, 7):
+            session.accept_audio(piece)
+        live = session.finish()
+        assert (live.transcript, live.intent, live.parse_intent, live.slots) == (
+            offline.transcript, offline.intent, offline.parse_intent, offline.slots)
+        assert live.confidence == pytest.approx(offline.confidence, abs=1e-4)

@@ -1,0 +1,237 @@
+"""Student benchmark: teacher fp32 vs student (fp32, PTQ int8, QAT int8), streaming.
+
+Everything is measured in ONE run on ONE machine, latency on ONE thread:
+
+- **Accuracy** on the test split (template-held-out) for: the teacher (fp32 torch), the
+  student before QAT (fp32, torch), that same student after post-training dynamic int8
+  quantisation (ONNX Runtime, PTQ), the deployed student (QAT, int8 ONNX bundle), and the
+  streaming student at each chunk size of ``student.streaming.eval_chunks`` (the
+  chunk-masked full pass, which the unit tests prove equal to chunk-by-chunk streaming).
+- **Latency** per 3-s utterance, end to end from the waveform (features, encoder, CTC
+  greedy, intent, greedy parse): p50/p95 and real-time factor; **size** of the weight
+  files on disk.
+- **Streaming**: audio fed in chunk-sized pieces in real time order; per chunk a partial
+  transcript; p50/p95 of the time from the last piece to the final result.
+
+    uv run python benchmarks/student_benchmark.py --profile full
+
+Prints tables and writes JSON (default ``benchmarks/results/student.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.audio import load_audio
+from model.compare import folder_bytes
+from model.data.corpus import CorpusLayout
+from model.data.manifest import read_manifest
+from model.dataset import SLUDataset
+from model.evaluation import evaluate
+from model.export import export_onnx, quantize_bundle
+from model.inference import SLUPredictor
+from model.package import load_package
+from model.streaming import StreamingRecognizer
+from model.train import load_split
+from serving.onnx_predictor import OnnxSLUPredictor
+from voiceloop.settings import load_settings
+
+METRICS = ("intent_accuracy", "slot_f1", "wer", "semer", "exact_match")
+
+
+def _clips(settings, n: int, rate: int) -> list[np.ndarray]:
+    layout = CorpusLayout(settings.corpus_dir)
+    rows = read_manifest(layout.manifest("test"))[:n]
+    clips = []
+    for row in rows:
+        audio = load_audio(row.audio_path(layout.manifests_dir), rate)[: 3 * rate]
+        clips.append(np.pad(audio, (0, 3 * rate - audio.size)))
+    return clips
+
+
+def _latency(predict: Callable[[np.ndarray], object], clips: list[np.ndarray]) -> dict:
+    for clip in clips[:3]:
+        predict(clip)
+    times = []
+    for clip in clips:
+        start = time.perf_counter()
+        predict(clip)
+        times.append(time.perf_counter() - start)
+    ms = np.array(times) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p95_ms": round(float(np.percentile(ms, 95)), 2),
+            "rtf_p50": round(float(np.percentile(ms, 50)) / 3000, 4)}
+
+
+def _accuracy(settings, rows, predictor, feats) -> dict:
+    decoded = predictor.decode_features(feats)
+    preds = [predictor.to_prediction(r.id, d) for r, d in zip(rows, decoded, strict=True)]
+    o = evaluate(rows, preds).overall
+    return {m: round(float(getattr(o, m)), 4) for m in METRICS}
+
+
+def _streaming(package, clips: list[np.ndarray], chunk: int) -> dict:
+    recognizer = StreamingRecognizer(package, chunk=chunk)
+    rate = package.features.sample_rate
+    piece = int(rate * recognizer.chunk_ms / 1000)
+    finals, partials = [], []
+    for clip in clips:
+        session = recognizer.session()
+        pieces = [clip[i : i + piece] for i in range(0, clip.size, piece)]
+        updates = 0
+        for p in pieces:
+            before = session.partial().encoder_frames
+            after = session.accept_audio(p).encoder_frames
+            updates += after > before
+        start = time.perf_counter()
+        session.finish()
+        finals.append((time.perf_counter() - start) * 1000)
+        partials.append(updates / len(pieces))
+    ms = np.array(finals[3:] or finals)
+    return {"chunk_frames": chunk, "chunk_ms": recognizer.chunk_ms,
+            "final_after_last_chunk_p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "final_after_last_chunk_p95_ms": round(float(np.percentile(ms, 95)), 2),
+            "pieces_with_new_partial": round(float(np.mean(partials)), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="full")
+    parser.add_argument("--teacher", type=Path, help="default: models/PROFILE/teacher/model")
+    parser.add_argument("--student", type=Path, help="default: models/PROFILE/student")
+    parser.add_argument("--test-utterances", type=int, default=0, help="0 = whole test split")
+    parser.add_argument("--latency-utterances", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/student.json"))
+    args = parser.parse_args()
+    settings = load_settings(profile=args.profile)
+    teacher_dir = args.teacher or settings.models_dir / "teacher" / "model"
+    student_root = args.student or settings.models_dir / "student"
+    batch, max_len = settings.decode.batch_size, settings.decode.max_parse_len
+
+    teacher = load_package(teacher_dir)
+    student = load_package(student_root / "model")
+    pre_qat = load_package(student_root / "pre_qat_model")
+    work = Path(tempfile.mkdtemp(prefix="student-bench-"))
+    export_onnx(pre_qat, work / "ptq_fp32")
+    quantize_bundle(work / "ptq_fp32", work / "ptq_int8")
+
+    variants: dict[str, dict] = {
+        "teacher fp32 (torch)": {"make": lambda t: SLUPredictor(teacher, batch_size=t,
+                                                               max_parse_len=max_len),
+                                 "features": teacher.features, "weights": teacher_dir},
+        "student fp32 pre-QAT (torch)": {"make": lambda t: SLUPredictor(pre_qat, batch_size=t,
+                                                                       max_parse_len=max_len),
+                                         "features": pre_qat.features,
+                                         "weights": student_root / "pre_qat_model"},
+        "student PTQ int8 (ORT)": {"make": lambda t: OnnxSLUPredictor(
+                                       work / "ptq_int8", threads=1, batch_size=t,
+                                       max_parse_len=max_len),
+                                   "features": pre_qat.features, "weights": work / "ptq_int8"},
+        "student QAT int8 (ORT, deployed)": {"make": lambda t: OnnxSLUPredictor(
+                                                 student_root / "deploy", threads=1,
+                                                 batch_size=t, max_parse_len=max_len),
+                                             "features": student.features,
+                                             "weights": student_root / "deploy"},
+    }
+
+    # Accuracy (2 threads: it is throughput work, not the latency measurement).
+    torch.set_num_threads(2)
+    rows_all = read_manifest(CorpusLayout(settings.corpus_dir).manifest("test"))
+    keep = (sorted(np.random.default_rng(0).choice(len(rows_all), args.test_utterances,
+                                                   replace=False))
+            if args.test_utterances and args.test_utterances < len(rows_all) else None)
+    cache: dict[str, tuple] = {}
+    result: dict = {"benchmark": "student", "profile": args.profile,
+                    "machine": {"platform": platform.platform()}, "variants": {},
+                    "streaming_accuracy": {}, "streaming_latency": []}
+    for name, v in variants.items():
+        key = repr(v["features"])
+        if key not in cache:
+            rows, feats = load_split(settings, "test", False, v["features"])
+            if keep is not None:
+                rows, feats = [rows[i] for i in keep], [feats[i] for i in keep]
+            cache[key] = (rows, feats)
+        rows, feats = cache[key]
+        start = time.perf_counter()
+        v["accuracy"] = _accuracy(settings, rows, v["make"](batch), feats)
+        print(f"{name}: {v['accuracy']} ({time.perf_counter() - start:.0f} s)", flush=True)
+    rows, feats = cache[repr(student.features)]
+    for chunk in settings.student.streaming.eval_chunks:
+        predictor = SLUPredictor(student, batch_size=batch, max_parse_len=max_len,
+                                 chunk=chunk or None)
+        result["streaming_accuracy"][str(chunk)] = {
+            "chunk_ms": chunk * student.model.cfg.encoder.subsampling
+            * student.features.hop_ms if chunk else None,
+            **_accuracy(settings, SLUDataset(rows, feats, student.ctc_vocab,
+                                             student.parse_vocab).rows, predictor, feats)}
+        print(f"streaming chunk {chunk or 'full'}: {result['streaming_accuracy'][str(chunk)]}",
+              flush=True)
+
+    # Latency: one thread, one 3-s utterance at a time, from the waveform.
+    torch.set_num_threads(1)
+    rate = teacher.features.sample_rate
+    clips = _clips(settings, args.latency_utterances, rate)
+    for name, v in variants.items():
+        predictor = v["make"](1)
+        v["latency"] = _latency(lambda c, p=predictor: p.predict_waveforms(["x"], [c], [rate]),
+                                clips)
+        v["bytes"] = folder_bytes(Path(v["weights"]))
+        print(f"{name}: {v['latency']}, {v['bytes']:,} bytes", flush=True)
+    for chunk in (2, 1, 4):
+        result["streaming_latency"].append(_streaming(student, clips[:50], chunk))
+        print(f"streaming: {result['streaming_latency'][-1]}", flush=True)
+
+    teacher_v = variants["teacher fp32 (torch)"]
+    for name, v in variants.items():
+        result["variants"][name] = {
+            "accuracy": v["accuracy"], "latency": v["latency"], "bytes": v["bytes"],
+            "speedup_vs_teacher_p50": round(teacher_v["latency"]["p50_ms"]
+                                            / v["latency"]["p50_ms"], 2),
+            "size_ratio_vs_teacher": round(teacher_v["bytes"] / v["bytes"], 2),
+        }
+    deployed = result["variants"]["student QAT int8 (ORT, deployed)"]
+    t_acc = teacher_v["accuracy"]
+    result["acceptance"] = {
+        "speedup_p50 >= 4": deployed["speedup_vs_teacher_p50"],
+        "size_ratio >= 4": deployed["size_ratio_vs_teacher"],
+        "intent_drop_points <= 1.0": round(100 * (t_acc["intent_accuracy"]
+                                                  - deployed["accuracy"]["intent_accuracy"]), 2),
+        "slot_f1_drop_points <= 1.5": round(100 * (t_acc["slot_f1"]
+                                                   - deployed["accuracy"]["slot_f1"]), 2),
+        "wer_relative_increase <= 0.15": round((deployed["accuracy"]["wer"] - t_acc["wer"])
+                                               / t_acc["wer"], 3),
+        "rtf_p50 <= 0.01": deployed["latency"]["rtf_p50"],
+        "streaming_final_p95_ms <= 50": result["streaming_latency"][0][
+            "final_after_last_chunk_p95_ms"],
+    }
+
+    print(f"\n{'variant':36}{'intent':>8}{'slotF1':>8}{'WER':>8}{'SemER':>8}"
+          f"{'p50 ms':>8}{'p95 ms':>8}{'RTF':>8}{'MB':>7}{'×speed':>7}{'×size':>7}")
+    for name, v in result["variants"].items():
+        a, lat = v["accuracy"], v["latency"]
+        print(f"{name:36}{a['intent_accuracy']:>8.3f}{a['slot_f1']:>8.3f}{a['wer']:>8.3f}"
+              f"{a['semer']:>8.3f}{lat['p50_ms']:>8.2f}{lat['p95_ms']:>8.2f}{lat['rtf_p50']:>8.4f}"
+              f"{v['bytes'] / 1e6:>7.2f}{v['speedup_vs_teacher_p50']:>7.1f}"
+              f"{v['size_ratio_vs_teacher']:>7.1f}")
+    print(f"\n{'streaming chunk':18}{'ms':>6}{'intent':>8}{'slotF1':>8}{'WER':>8}{'SemER':>8}")
+    for chunk, a in result["streaming_accuracy"].items():
+        print(f"{chunk if chunk != '0' else 'full':18}{a['chunk_ms'] or 0:>6.0f}"
+              f"{a['intent_accuracy']:>8.3f}{a['slot_f1']:>8.3f}{a['wer']:>8.3f}{a['semer']:>8.3f}")
+    print("\nacceptance:", json.dumps(result["acceptance"], indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
