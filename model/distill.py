@@ -35,24 +35,30 @@ from tqdm import tqdm
 
 from model.compare import Comparison, compare_models
 from model.dataset import SLUDataset, collate, make_batches
-from model.decoding import choose_clarify_threshold, greedy_parse
+from model.decoding import greedy_parse
 from model.distill_losses import hidden_mse, kd_ctc, kd_intent, kd_parse
 from model.features import FeatureConfig, SpecAugment, global_stats, normalise_features
 from model.losses import ctc_loss, intent_loss, parse_loss
 from model.network import JointModel, JointOutput
 from model.package import ModelPackage, load_package, save_package
-from model.plots import plot_learning_curves
 from model.qat import QATHandle, prepare_qat
 from model.streaming import chunk_attention_mask
 from model.tokens import ParseVocab
 from model.train import (
+    RunLayout,
     WarmupCosine,
     build_model,
+    clarify_threshold_for,
+    epochs_in_budget,
     load_split,
+    restore_rng_state,
+    rng_state,
     save_checkpoint,
     seed_everything,
     validate_model,
+    validation_row,
     write_history,
+    write_run_summary,
 )
 from voiceloop.settings import Settings
 
@@ -69,26 +75,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class StudentLayout:
-    """Files of one student run under ``root``."""
-
-    root: Path
-
-    @property
-    def last(self) -> Path:
-        return self.root / "checkpoints" / "last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.root / "checkpoints" / "best.pt"
+class StudentLayout(RunLayout):
+    """Files of one student run: those of any run plus the student's exports."""
 
     @property
     def pre_qat_dir(self) -> Path:
         return self.root / "pre_qat_model"
-
-    @property
-    def model_dir(self) -> Path:
-        return self.root / "model"
 
     @property
     def deploy_dir(self) -> Path:
@@ -97,22 +89,6 @@ class StudentLayout:
     @property
     def deploy_fp32_dir(self) -> Path:
         return self.root / "deploy_fp32"
-
-    @property
-    def history(self) -> Path:
-        return self.root / "history.csv"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "train_metrics.json"
-
-    @property
-    def curves(self) -> Path:
-        return self.root / "learning_curves.png"
-
-    @property
-    def run_file(self) -> Path:
-        return self.root / "run.json"
 
 
 @dataclass
@@ -277,9 +253,7 @@ def train_student(
         epoch, step = state["epoch"] + 1, state["step"]
         best_semer, best_epoch, stale = state["best_semer"], state["best_epoch"], state["stale"]
         history, best_valid = state["history"], state["best_valid"]
-        np_rng.bit_generator.state = state["np_rng"]
-        aug_gen.set_state(state["aug_gen"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng_state(state, np_rng, aug_gen)
         run_id = state.get("run_id")
         log.info("resumed from %s at epoch %d", layout.last, epoch)
 
@@ -382,9 +356,7 @@ def train_student(
         train_s = time.perf_counter() - epoch_start
         report, _ = validate_model(student, settings, valid, vocab, ctc_vocab, student_cfg)
         if epoch == 0 and ts.max_minutes is not None:
-            spent = time.perf_counter() - start_time
-            epoch_s = time.perf_counter() - epoch_start
-            fits = 1 + int(max(0.0, ts.max_minutes * 60 - spent) // epoch_s)
+            fits = epochs_in_budget(start_time, epoch_start, ts.max_minutes)
             if fits < ts.epochs:
                 schedule.total = max(1, fits) * batches_per_epoch
                 if qat_start is not None:
@@ -394,9 +366,7 @@ def train_student(
         row = {
             "epoch": epoch,
             **{f"train_loss_{k}": v / len(batches) for k, v in sums.items()},
-            "valid_semer": o.semer, "valid_wer": o.wer, "valid_cer": o.cer,
-            "valid_intent_accuracy": o.intent_accuracy, "valid_slot_f1": o.slot_f1,
-            "valid_exact_match": o.exact_match, "lr": scheduler.get_last_lr()[0],
+            **validation_row(report), "lr": scheduler.get_last_lr()[0],
             "qat": float(qat is not None), "train_utt_per_s": len(train) / train_s,
             "epoch_s": time.perf_counter() - epoch_start,
         }
@@ -418,8 +388,7 @@ def train_student(
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "schedule_total": schedule.total, "epoch": epoch, "step": step,
             "best_semer": best_semer, "best_epoch": best_epoch, "stale": stale,
-            "history": history, "best_valid": best_valid, "np_rng": np_rng.bit_generator.state,
-            "aug_gen": aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "history": history, "best_valid": best_valid, **rng_state(np_rng, aug_gen),
             "run_id": run_id, "qat_start": qat_start, "qat_active": qat is not None,
         })
         write_history(layout.history, history)
@@ -440,11 +409,7 @@ def train_student(
         qat.strip(bake=True)  # weights now lie on the int8 grid the deploy bundle uses
     _, preds = validate_model(student, settings, valid, vocab, ctc_vocab, student_cfg)
     student.eval()
-    threshold = choose_clarify_threshold(
-        [p.confidence for p in preds],
-        [p.intent == r.intent for p, r in zip(preds, valid.rows, strict=True)],
-        settings.decode.clarify_target_accuracy,
-    )
+    threshold = clarify_threshold_for(preds, valid.rows, settings.decode.clarify_target_accuracy)
     wall_s = time.perf_counter() - start_time
     metadata: dict[str, Any] = {
         "version": f"student-{settings.profile}-{run_id or 'local'}",
@@ -462,15 +427,9 @@ def train_student(
         "qat_start_epoch": qat_start if qat_start is not None else -1,
         "parameters": student.num_parameters(), "teacher_parameters": teacher.num_parameters(),
         "wall_minutes": round(wall_s / 60, 2), "clarify_threshold": threshold,
-        "train_utt_per_s": float(np.mean([h["train_utt_per_s"] for h in history])),
     }
-    layout.metrics.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    plot_learning_curves(history, layout.curves, f"student ({settings.profile})")
+    write_run_summary(layout, history, metrics, f"student ({settings.profile})", tracker)
     if tracker:
-        tracker.log_metrics({"final/" + k: float(v) for k, v in metrics.items()}, len(history))
-        tracker.log_artifact(layout.curves, "plots")
-        tracker.log_artifact(layout.history, "plots")
-        tracker.log_artifacts(layout.model_dir, "model")
         tracker.set_tags({"stopped": stopped})
         tracker.finish()
     return StudentResult(

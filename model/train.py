@@ -43,28 +43,35 @@ from model.tokens import CharVocab, CTCVocab, ParseVocab, WordVocab
 from voiceloop.settings import ModelSettings, Settings
 
 __all__ = [
+    "RunLayout",
     "TeacherLayout",
     "TrainResult",
     "WarmupCosine",
     "build_ctc_vocab",
     "build_model",
     "build_vocab",
+    "clarify_threshold_for",
+    "epochs_in_budget",
     "feature_config",
     "load_split",
     "predict_dataset",
+    "restore_rng_state",
+    "rng_state",
     "save_checkpoint",
     "seed_everything",
     "train_teacher",
     "validate_model",
+    "validation_row",
     "write_history",
+    "write_run_summary",
 ]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TeacherLayout:
-    """Files of one training run under ``root``."""
+class RunLayout:
+    """Files of one training run (teacher or student) under ``root``."""
 
     root: Path
 
@@ -95,6 +102,9 @@ class TeacherLayout:
     @property
     def run_file(self) -> Path:
         return self.root / "run.json"
+
+
+TeacherLayout = RunLayout
 
 
 @dataclass
@@ -176,6 +186,64 @@ class WarmupCosine:
             return (step + 1) / self.warmup
         progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def epochs_in_budget(start_time: float, epoch_start: float, max_minutes: float) -> int:
+    """Epochs that fit ``max_minutes`` in all, judged after the first epoch (which began
+    at ``epoch_start``; the run at ``start_time``, both ``time.perf_counter()`` values)."""
+    now = time.perf_counter()
+    return 1 + int(max(0.0, max_minutes * 60 - (now - start_time)) // (now - epoch_start))
+
+
+def rng_state(np_rng: np.random.Generator, aug_gen: torch.Generator) -> dict[str, Any]:
+    """The random streams a resumed run must continue exactly."""
+    return {"np_rng": np_rng.bit_generator.state, "aug_gen": aug_gen.get_state(),
+            "torch_rng": torch.get_rng_state()}
+
+
+def restore_rng_state(
+    state: dict[str, Any], np_rng: np.random.Generator, aug_gen: torch.Generator
+) -> None:
+    np_rng.bit_generator.state = state["np_rng"]
+    aug_gen.set_state(state["aug_gen"])
+    torch.set_rng_state(state["torch_rng"])
+
+
+def validation_row(report: EvaluationReport) -> dict[str, float]:
+    """The per-epoch validation metrics both training loops log."""
+    o = report.overall
+    return {
+        "valid_semer": o.semer, "valid_wer": o.wer, "valid_cer": o.cer,
+        "valid_intent_accuracy": o.intent_accuracy, "valid_slot_f1": o.slot_f1,
+        "valid_exact_match": o.exact_match,
+    }
+
+
+def clarify_threshold_for(
+    preds: list[Prediction], rows: list[ManifestRow], target_accuracy: float
+) -> float:
+    """The clarify threshold chosen on validation predictions (see ``decoding``)."""
+    return choose_clarify_threshold(
+        [p.confidence for p in preds],
+        [p.intent == r.intent for p, r in zip(preds, rows, strict=True)],
+        target_accuracy,
+    )
+
+
+def write_run_summary(
+    layout: RunLayout, history: list[dict[str, float]], metrics: dict[str, Any], title: str,
+    tracker: Any | None,
+) -> None:
+    """End of a training run: ``train_metrics.json``, the learning-curve plot, and the
+    same plus history and model folder in the MLflow run (``tracker``, if any)."""
+    metrics["train_utt_per_s"] = float(np.mean([h["train_utt_per_s"] for h in history]))
+    layout.metrics.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    plot_learning_curves(history, layout.curves, title)
+    if tracker:
+        tracker.log_metrics({"final/" + k: float(v) for k, v in metrics.items()}, len(history))
+        tracker.log_artifact(layout.curves, "plots")
+        tracker.log_artifact(layout.history, "plots")
+        tracker.log_artifacts(layout.model_dir, "model")
 
 
 def predict_dataset(
@@ -319,9 +387,7 @@ def train_teacher(
         epoch, step = state["epoch"] + 1, state["step"]
         best_semer, best_epoch, stale = state["best_semer"], state["best_epoch"], state["stale"]
         history, best_valid = state["history"], state["best_valid"]
-        np_rng.bit_generator.state = state["np_rng"]
-        aug_gen.set_state(state["aug_gen"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng_state(state, np_rng, aug_gen)
         run_id = state.get("run_id")
         log.info("resumed from %s at epoch %d (step %d)", layout.last, epoch, step)
 
@@ -389,9 +455,7 @@ def train_teacher(
         train_s = time.perf_counter() - epoch_start
         report, _ = validate_model(model, settings, valid, vocab, ctc_vocab, feats_cfg)
         if epoch == 0 and ts.max_minutes is not None:
-            spent = time.perf_counter() - start_time
-            epoch_s = time.perf_counter() - epoch_start
-            fits = 1 + int(max(0.0, ts.max_minutes * 60 - spent) // epoch_s)
+            fits = epochs_in_budget(start_time, epoch_start, ts.max_minutes)
             if fits < ts.epochs:
                 schedule.total = max(1, fits) * batches_per_epoch
                 log.info("time budget fits ~%d epochs: LR decays over %d steps", fits,
@@ -403,9 +467,7 @@ def train_teacher(
             **{f"train_loss_{t}": sums[t] / len(batches) for t in ("ctc", "intent", "parse")},
             "train_loss_total": sums["total"] / len(batches),
             **{f"weight_{t}": w for t, w in weights.items()},
-            "valid_semer": o.semer, "valid_wer": o.wer, "valid_cer": o.cer,
-            "valid_intent_accuracy": o.intent_accuracy, "valid_slot_f1": o.slot_f1,
-            "valid_exact_match": o.exact_match, "lr": scheduler.get_last_lr()[0],
+            **validation_row(report), "lr": scheduler.get_last_lr()[0],
             "train_utt_per_s": len(train) / train_s, "epoch_s": time.perf_counter() - epoch_start,
         }
         history.append(row)
@@ -427,8 +489,7 @@ def train_teacher(
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "step": step, "best_semer": best_semer, "best_epoch": best_epoch,
             "stale": stale, "history": history, "best_valid": best_valid,
-            "np_rng": np_rng.bit_generator.state, "aug_gen": aug_gen.get_state(),
-            "torch_rng": torch.get_rng_state(), "run_id": run_id,
+            **rng_state(np_rng, aug_gen), "run_id": run_id,
             "schedule_total": schedule.total,
         })
         write_history(layout.history, history)
@@ -445,11 +506,7 @@ def train_teacher(
     model.load_state_dict(torch.load(layout.best, weights_only=False)["model"])
     _, preds = validate_model(model, settings, valid, vocab, ctc_vocab, feats_cfg)
     model.eval()  # _validate hands the model back in training mode
-    threshold = choose_clarify_threshold(
-        [p.confidence for p in preds],
-        [p.intent == r.intent for p, r in zip(preds, valid.rows, strict=True)],
-        settings.decode.clarify_target_accuracy,
-    )
+    threshold = clarify_threshold_for(preds, valid.rows, settings.decode.clarify_target_accuracy)
     wall_s = time.perf_counter() - start_time
     metadata = {
         "version": f"teacher-{settings.profile}-{run_id or 'local'}",
@@ -462,15 +519,9 @@ def train_teacher(
         **best_valid, "best_epoch": best_epoch, "epochs_run": len(history),
         "parameters": model.num_parameters(), "wall_minutes": round(wall_s / 60, 2),
         "clarify_threshold": threshold,
-        "train_utt_per_s": float(np.mean([h["train_utt_per_s"] for h in history])),
     }
-    layout.metrics.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    plot_learning_curves(history, layout.curves, f"teacher ({settings.profile})")
+    write_run_summary(layout, history, metrics, f"teacher ({settings.profile})", tracker)
     if tracker:
-        tracker.log_metrics({"final/" + k: float(v) for k, v in metrics.items()}, len(history))
-        tracker.log_artifact(layout.curves, "plots")
-        tracker.log_artifact(layout.history, "plots")
-        tracker.log_artifacts(layout.model_dir, "model")
         version = tracker.register(f"{settings.tracking.registered_model}-teacher", "model", "current")
         tracker.set_tags({"stopped": stopped, "registered_version": version})
         tracker.finish()

@@ -188,7 +188,10 @@ ModelOpt = Annotated[
     str,
     typer.Option(
         "--model", "-m",
-        help="Model folder, or an MLflow URI such as models:/voiceloop-slu-teacher@current.",
+        help="A torch model folder (weights.pt + config.json), an ONNX deploy bundle "
+        "(encoder.onnx, decoder.onnx, config.json), an MLflow pyfunc model folder, or an "
+        "MLflow URI such as models:/voiceloop-slu@candidate or "
+        "models:/voiceloop-slu-teacher@current.",
     ),
 ]
 
