@@ -45,3 +45,22 @@ def test_dynamic_chunk_mask_sampling() -> None:
     # frame 0 sees exactly its own chunk: 2 or 4 frames
     assert {int((~m[0]).sum()) for m in chunked} == {2, 4}
     assert _chunk_mask(model, lengths, rng, [], 0.0, None) is None
+
+
+def test_unlabelled_audio_uses_the_teachers_own_parse_as_target() -> None:
+    from model.decoding import greedy_parse
+    from model.distill import _teacher_outputs
+
+    torch.manual_seed(0)
+    teacher = _model(4, 2).eval()
+    feats, lengths = torch.randn(3, 150, 80), torch.tensor([150, 120, 90])
+    out, parse_in, parse_out, pad = _teacher_outputs(teacher, feats, lengths, None, None, 10,
+                                                     bf16=False)
+    enc, _, enc_pad = teacher.encode(feats, lengths)
+    expected, _ = greedy_parse(teacher, enc, enc_pad, 10)
+    for b, seq in enumerate(expected):
+        n = len(seq)
+        assert parse_in[b, 1 : n + 1].tolist() == seq and parse_out[b, :n].tolist() == seq
+        assert parse_out[b, n] == ParseVocab.EOS and not pad[b, : n + 1].any()
+    assert out.parse_logits is not None and out.parse_logits.shape[:2] == parse_in.shape
+    assert not out.parse_logits.requires_grad  # targets only: no gradient into the teacher
