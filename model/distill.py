@@ -66,8 +66,10 @@ __all__ = [
     "DistillOutcome",
     "StudentLayout",
     "StudentResult",
+    "TeacherTargets",
     "ctc_frame_ms",
     "run_distill_stage",
+    "teacher_targets",
     "train_student",
 ]
 
@@ -150,6 +152,86 @@ def _teacher_outputs(
         out = teacher(feats, lengths, parse_in, parse_pad)
     assert parse_pad is not None
     return out, parse_in, parse_out, parse_pad
+
+
+@dataclass
+class TeacherTargets:
+    """The frozen teacher's outputs for every training utterance, computed once.
+
+    The teacher runs in eval mode on clean (un-augmented) features, so its outputs do not
+    change between epochs; computing them once removes the teacher's forward pass from
+    every training step (about 40 % of the step on this CPU). Per utterance i:
+
+    Attributes:
+        ctc: ``(S_i, C)`` CTC logits (fp16), ``S_i`` valid 20 ms slots.
+        intent: ``(N, I)`` intent logits.
+        parse_in, parse_out: ``(U_i,)`` decoder input (``<bos>`` + parse) and target
+            (parse + ``<eos>``): the ground truth, or the teacher's own decode when the
+            audio is unlabelled.
+        parse: ``(U_i, P)`` parse-token logits (fp16) under that prefix.
+        encoder: ``(T_i, D)`` encodings (fp16), kept only for hidden-state KD.
+    """
+
+    ctc: list[Tensor]
+    intent: Tensor
+    parse_in: list[Tensor]
+    parse_out: list[Tensor]
+    parse: list[Tensor]
+    encoder: list[Tensor] | None
+
+    def batch(self, idx: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                              Tensor | None, Tensor | None]:
+        """Padded tensors for utterances ``idx``: ctc ``(B, S, C)``, ctc lengths ``(B,)``,
+        intent ``(B, I)``, parse_in/parse_out ``(B, U)``, parse logits ``(B, U, P)``, and
+        encoder ``(B, T, D)`` + lengths (or None)."""
+        pad = nn.utils.rnn.pad_sequence
+
+        def padded(items: list[Tensor], value: float = 0.0) -> Tensor:
+            return pad(items, batch_first=True, padding_value=value)
+
+        ctc = padded([self.ctc[i] for i in idx]).float()
+        ctc_lengths = torch.tensor([self.ctc[i].size(0) for i in idx])
+        parse_in = padded([self.parse_in[i] for i in idx], ParseVocab.PAD).long()
+        parse_out = padded([self.parse_out[i] for i in idx], ParseVocab.PAD).long()
+        parse = padded([self.parse[i] for i in idx]).float()
+        enc = enc_lengths = None
+        if self.encoder is not None:
+            enc = padded([self.encoder[i] for i in idx]).float()
+            enc_lengths = torch.tensor([self.encoder[i].size(0) for i in idx])
+        return ctc, ctc_lengths, self.intent[idx], parse_in, parse_out, parse, enc, enc_lengths
+
+
+def teacher_targets(
+    teacher: JointModel, features: FeatureConfig, data: SLUDataset, max_frames: int,
+    labelled: bool, max_parse_len: int, bf16: bool, keep_encoder: bool, progress: bool,
+) -> TeacherTargets:
+    """Run the teacher once over ``data`` (raw features) and keep its outputs."""
+    n = len(data)
+    ctc: list[Tensor] = [torch.empty(0)] * n
+    parse_in: list[Tensor] = [torch.empty(0)] * n
+    parse_out: list[Tensor] = [torch.empty(0)] * n
+    parse: list[Tensor] = [torch.empty(0)] * n
+    encoder: list[Tensor] | None = [torch.empty(0)] * n if keep_encoder else None
+    intent = torch.zeros(n, teacher.cfg.n_intents)
+    batches = make_batches(data.lengths, max_frames)
+    for idx in tqdm(batches, desc="teacher targets", unit="batch", disable=not progress):
+        batch = collate(data, idx)
+        feats = _normalised_batch([data.feats[j] for j in idx], features)
+        out, p_in, p_out, p_pad = _teacher_outputs(
+            teacher, feats, batch.lengths, batch.parse_in if labelled else None,
+            batch.parse_pad_mask if labelled else None, max_parse_len, bf16)
+        if labelled:
+            p_out = batch.parse_out
+        assert out.parse_logits is not None
+        for j, i in enumerate(idx):
+            u = int((~p_pad[j]).sum())
+            ctc[i] = out.ctc_logits[j, : int(out.ctc_lengths[j])].half()
+            parse_in[i], parse_out[i] = p_in[j, :u].clone(), p_out[j, :u].clone()
+            parse[i] = out.parse_logits[j, :u].half()
+            intent[i] = out.intent_logits[j].float()
+            if encoder is not None:
+                encoder[i] = out.encoder[j, : int(out.encoder_lengths[j])].half()
+    return TeacherTargets(ctc, intent, parse_in, parse_out, parse, encoder)
 
 
 def _chunk_mask(
@@ -274,6 +356,9 @@ def train_student(
             "teacher_version": teacher_pkg.version, "train_utterances": len(train),
         })
 
+    targets = teacher_targets(
+        teacher, teacher_pkg.features, train, ts.batch_max_frames, ds.labelled,
+        settings.decode.max_parse_len, ts.bf16, ds.kd_weights["hidden"] > 0, progress)
     stopped = "epochs"
     student.train()
     w, kw = ds.weights, ds.kd_weights
@@ -298,32 +383,25 @@ def train_student(
         for i, idx in enumerate(bar):
             batch = collate(train, idx)
             raw = [train.feats[j] for j in idx]
-            t_feats = _normalised_batch(raw, teacher_pkg.features)
             s_feats = specaug(_normalised_batch(raw, student_cfg), batch.lengths, aug_gen)
-            labelled = ds.labelled
-            t_out, parse_in, parse_out, parse_pad = _teacher_outputs(
-                teacher, t_feats, batch.lengths,
-                batch.parse_in if labelled else None, batch.parse_pad_mask if labelled else None,
-                settings.decode.max_parse_len, ts.bf16,
-            )
-            if labelled:
-                parse_out = batch.parse_out
+            (t_ctc, t_ctc_lengths, t_intent, parse_in, parse_out, t_parse, t_enc,
+             t_enc_lengths) = targets.batch(idx)
+            parse_pad = parse_in == ParseVocab.PAD
             mask = _chunk_mask(student, batch.lengths, np_rng, st.streaming.chunks,
                                st.streaming.full_context_p, st.streaming.left_chunks)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ts.bf16):
                 s_out = student(s_feats, batch.lengths, parse_in, parse_pad, mask)
-            assert s_out.parse_logits is not None and t_out.parse_logits is not None
+            assert s_out.parse_logits is not None
             T = ds.temperature
             terms: dict[str, Tensor] = {
-                "kd_ctc": kd_ctc(s_out.ctc_logits, s_out.ctc_lengths, t_out.ctc_logits,
-                                 t_out.ctc_lengths, T),
-                "kd_intent": kd_intent(s_out.intent_logits, t_out.intent_logits, T),
-                "kd_parse": kd_parse(s_out.parse_logits, t_out.parse_logits, parse_pad, T),
+                "kd_ctc": kd_ctc(s_out.ctc_logits, s_out.ctc_lengths, t_ctc, t_ctc_lengths, T),
+                "kd_intent": kd_intent(s_out.intent_logits, t_intent, T),
+                "kd_parse": kd_parse(s_out.parse_logits, t_parse, parse_pad, T),
             }
-            if kw["hidden"] > 0:
+            if t_enc is not None and t_enc_lengths is not None:
                 terms["kd_hidden"] = hidden_mse(s_out.encoder, s_out.encoder_lengths,
-                                                t_out.encoder, t_out.encoder_lengths, projection)
-            if labelled:
+                                                t_enc, t_enc_lengths, projection)
+            if ds.labelled:
                 terms["ctc"] = ctc_loss(s_out.ctc_logits, s_out.ctc_lengths, batch.ctc_targets,
                                         batch.ctc_lengths)
                 terms["intent"] = intent_loss(s_out.intent_logits, batch.intents)

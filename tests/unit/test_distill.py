@@ -64,3 +64,23 @@ def test_unlabelled_audio_uses_the_teachers_own_parse_as_target() -> None:
         assert parse_out[b, n] == ParseVocab.EOS and not pad[b, : n + 1].any()
     assert out.parse_logits is not None and out.parse_logits.shape[:2] == parse_in.shape
     assert not out.parse_logits.requires_grad  # targets only: no gradient into the teacher
+
+
+def test_cached_teacher_targets_pad_into_batches() -> None:
+    from model.distill import TeacherTargets
+
+    targets = TeacherTargets(
+        ctc=[torch.ones(5, 3).half(), torch.ones(3, 3).half()],
+        intent=torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        parse_in=[torch.tensor([1, 7, 8]), torch.tensor([1, 9])],
+        parse_out=[torch.tensor([7, 8, 2]), torch.tensor([9, 2])],
+        parse=[torch.zeros(3, 11).half(), torch.zeros(2, 11).half()],
+        encoder=None,
+    )
+    ctc, ctc_len, intent, p_in, p_out, parse, enc, enc_len = targets.batch([1, 0])
+    assert ctc.shape == (2, 5, 3) and ctc_len.tolist() == [3, 5]
+    assert ctc[0, 3:].abs().sum() == 0  # padding is zero, and masked by the lengths
+    assert intent.tolist() == [[3.0, 4.0], [1.0, 2.0]]
+    assert p_in.tolist() == [[1, 9, ParseVocab.PAD], [1, 7, 8]]
+    assert p_out.tolist() == [[9, 2, ParseVocab.PAD], [7, 8, 2]]
+    assert parse.shape == (2, 3, 11) and enc is None and enc_len is None
