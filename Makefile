@@ -20,7 +20,8 @@ demo: setup
 	uv run dvc push -q || echo "dvc push failed: outputs are still in the local cache"
 	uv run voiceloop stats --profile $(PROFILE) | head -20
 	@cat workspace/models/$(PROFILE)/teacher/eval/test/metrics.json
-	@echo "Corpus: workspace/corpus/$(PROFILE)/reports/stats.md; model: workspace/models/$(PROFILE)/teacher/ (eval/test/evaluation.md, learning_curves.png)"
+	@cat workspace/models/$(PROFILE)/student/eval/test/comparison.md
+	@echo "Corpus: workspace/corpus/$(PROFILE)/reports/stats.md; teacher: workspace/models/$(PROFILE)/teacher/ (eval/test/evaluation.md, learning_curves.png); deployable student: workspace/models/$(PROFILE)/student/deploy, registered as models:/voiceloop-slu@candidate"
 
 test: setup
 	uv run pytest $(PYTEST_ARGS)
