@@ -194,19 +194,15 @@ def _requirements() -> list[str]:
     return pins
 
 
-@contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking URI set to ``uri`` for the block, then restored.
+def _tracking_uri(uri: str):  # type: ignore[no-untyped-def]
+    """MLflow's process-wide URIs set to ``uri`` for the block, then restored exactly.
 
     Some MLflow 3 code paths (the fluent ``log_model``, and the registry resolving a
-    ``models:/<model id>`` source) read the global URI rather than the client's.
+    ``models:/<model id>`` source) read the global URIs rather than the client's.
     """
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
+    from voiceloop.tracking import mlflow_scope
+
+    return mlflow_scope(uri)
 
 
 @contextmanager

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,45 @@ from mlflow.tracking import MlflowClient
 
 from voiceloop.settings import Settings
 
-__all__ = ["RunLogger", "flatten", "make_client", "resolve_model_uri"]
+__all__ = ["RunLogger", "flatten", "make_client", "mlflow_scope", "resolve_model_uri"]
 
 log = logging.getLogger(__name__)
 
 # Let MLflow skip its telemetry and git probing noise on machines without the internet.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+@contextmanager
+def mlflow_scope(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URIs set to ``uri`` for the block, then
+    put back exactly as they were — "not set" included, environment variables included.
+
+    Some MLflow 3 paths read only these globals (``download_artifacts`` of a
+    ``models:/name@alias`` URI, the fluent ``log_model``). Leaving them set leaks one
+    workspace's registry into every later client of the process that does not name its
+    registry: the test suite caught a second workspace's alias being resolved in the
+    first workspace's registry.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_registry = registry_utils._registry_uri
+    saved_tracking = tracking_utils._tracking_uri
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_tracking)
+        registry_utils._registry_uri = saved_registry
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def make_client(settings: Settings) -> MlflowClient:
@@ -134,7 +167,6 @@ def resolve_model_uri(uri: str, settings: Settings) -> Path:
     make_client(settings)  # creates folders
     # models:/ URIs are resolved through the registry, which download_artifacts reads
     # from the process-wide setting rather than from its tracking_uri argument.
-    mlflow.set_registry_uri(settings.tracking_uri)
-    return Path(
-        mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=settings.tracking_uri)
-    )
+    with mlflow_scope(settings.tracking_uri):
+        return Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, tracking_uri=settings.tracking_uri))

@@ -25,6 +25,7 @@ from model.predict import predict_manifest
 from model.streaming import StreamingRecognizer
 from model.train import train_teacher
 from voiceloop.settings import Settings, load_settings
+from voiceloop.tracking import mlflow_scope
 
 pytestmark = pytest.mark.e2e
 
@@ -75,7 +76,7 @@ def test_comparison_and_registration(distilled: tuple[Settings, DistillOutcome])
                 "wer_relative_increase", "size_ratio"):
         assert key in flat
     assert flat["student_bytes"] < flat["teacher_bytes"]
-    client = MlflowClient(settings.tracking_uri)
+    client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
     version = client.get_model_version_by_alias(settings.tracking.registered_model, "candidate")
     assert version.run_id == outcome.result.run_id
     run = client.get_run(outcome.result.run_id)
@@ -91,9 +92,8 @@ def test_pyfunc_from_registry_and_predict_cli_path(
     sf.write(tmp_path / "a.wav", (0.1 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
     (tmp_path / "bad.wav").write_bytes(b"nope")
     uri = f"models:/{settings.tracking.registered_model}@candidate"
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.tracking_uri)
-    pyfunc = mlflow.pyfunc.load_model(uri)
+    with mlflow_scope(settings.tracking_uri):  # loading by alias reads MLflow's globals
+        pyfunc = mlflow.pyfunc.load_model(uri)
     out = pyfunc.predict(pd.DataFrame({"id": ["a", "b"],
                                        "audio": [str(tmp_path / "a.wav"),
                                                  str(tmp_path / "bad.wav")]}))

@@ -47,7 +47,7 @@ def test_training_writes_package_metrics_and_mlflow_run(trained: tuple[Settings,
     history = layout.history.read_text().splitlines()
     assert len(history) == 1 + settings.train.epochs
 
-    client = MlflowClient(settings.tracking_uri)
+    client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
     run = client.get_run(json.loads(layout.run_file.read_text())["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["model.d_model"] == str(settings.model.d_model)

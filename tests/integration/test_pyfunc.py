@@ -29,7 +29,7 @@ from model.tokens import ParseVocab
 from serving.onnx_predictor import OnnxSLUPredictor, load_predictor, pyfunc_bundle_dir
 from serving.pyfunc import log_pyfunc, register_pyfunc, wav_base64
 from voiceloop.settings import Settings, load_settings
-from voiceloop.tracking import RunLogger, resolve_model_uri
+from voiceloop.tracking import RunLogger, mlflow_scope, resolve_model_uri
 
 pytestmark = pytest.mark.integration
 
@@ -76,15 +76,8 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Depl
 @pytest.fixture
 def global_mlflow_uri(registered: tuple[Settings, DeployBundle]) -> Iterator[None]:
     """``mlflow.pyfunc.load_model("models:/…")`` reads the process-wide URIs: set, then restore."""
-    uri = registered[0].tracking_uri
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
+    with mlflow_scope(registered[0].tracking_uri):
         yield
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
 
 
 @pytest.mark.usefixtures("global_mlflow_uri")
@@ -183,3 +176,20 @@ def test_pyfunc_loads_without_the_repository_on_the_path(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "s"
+
+
+def test_mlflow_scope_restores_unset_globals(tmp_path: Path) -> None:
+    """Regression: resolving models:/ URIs used to leave MLflow's registry URI pointing at
+    one workspace for the rest of the process."""
+    import os
+
+    from mlflow.tracking._model_registry import utils as registry_utils
+
+    before = (registry_utils._registry_uri, os.environ.get("MLFLOW_REGISTRY_URI"),
+              mlflow.get_tracking_uri())
+    uri = f"sqlite:///{tmp_path / 'scoped.db'}"
+    with mlflow_scope(uri):
+        assert mlflow.get_registry_uri() == uri and mlflow.get_tracking_uri() == uri
+    after = (registry_utils._registry_uri, os.environ.get("MLFLOW_REGISTRY_URI"),
+             mlflow.get_tracking_uri())
+    assert after == before
