@@ -530,13 +530,13 @@ class DistillOutcome:
 
 def run_distill_stage(
     settings: Settings, teacher_dir: Path | None = None, progress: bool = True,
-    resume: bool = True, track: bool = True,
+    resume: bool = True, track: bool = True, out_dir: Path | None = None,
 ) -> DistillOutcome:
     """``train_student``, then score the int8 bundle against the teacher on the test
     split, log the comparison to the student's MLflow run and register the bundle as a
     pyfunc model ``<registered_model>@candidate`` (aliases, not deprecated stages)."""
     teacher_dir = teacher_dir or settings.models_dir / "teacher" / "model"
-    result = train_student(settings, teacher_dir, progress, resume, track=track)
+    result = train_student(settings, teacher_dir, progress, resume, out_dir=out_dir, track=track)
     root = result.model_dir.parent
     comparison = compare_models(settings, teacher_dir, root, "test", progress)
     registered = None
