@@ -535,15 +535,17 @@ def run_distill_stage(
     """``train_student``, then score the int8 bundle against the teacher on the test
     split, log the comparison to the student's MLflow run and register the bundle as a
     pyfunc model ``<registered_model>@candidate`` (aliases, not deprecated stages)."""
+    # Imported before the hour of training, not after it: a run must use one version of
+    # the code (a module edited mid-run once broke the final registration step).
+    from serving.pyfunc import log_pyfunc, register_pyfunc
+    from voiceloop.tracking import RunLogger
+
     teacher_dir = teacher_dir or settings.models_dir / "teacher" / "model"
     result = train_student(settings, teacher_dir, progress, resume, out_dir=out_dir, track=track)
     root = result.model_dir.parent
     comparison = compare_models(settings, teacher_dir, root, "test", progress)
     registered = None
     if track and result.run_id:
-        from serving.pyfunc import log_pyfunc, register_pyfunc
-        from voiceloop.tracking import RunLogger
-
         tracker = RunLogger.attach(settings, result.run_id)
         tracker.log_metrics({f"compare/{k}": float(v) for k, v in comparison.flat().items()}, 0)
         tracker.log_artifacts(root / "eval" / "test", "evaluation/test")
