@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.evaluation import EvaluationReport, evaluate, write_report
+from model.export import load_bundle_config
 from model.package import load_package
 from model.prediction import write_predictions
 from model.train import load_split, predict_dataset
+from serving.onnx_predictor import OnnxSLUPredictor
 from voiceloop.settings import Settings
 
 __all__ = ["COMPARED", "Comparison", "compare_models", "folder_bytes", "score_bundle"]
@@ -83,11 +85,9 @@ def score_bundle(
     settings: Settings, bundle: Path, split: str, out_dir: Path, progress: bool, threads: int = 2
 ) -> EvaluationReport:
     """Predict ``split`` with an ONNX deploy bundle and write the evaluation report."""
-    from serving.onnx_predictor import OnnxSLUPredictor
-
     predictor = OnnxSLUPredictor(bundle, threads=threads, batch_size=settings.decode.batch_size,
                                  max_parse_len=settings.decode.max_parse_len)
-    features = load_package_features(bundle)
+    features = load_bundle_config(bundle).features
     rows, feats = load_split(settings, split, progress, features)
     decoded = predictor.decode_features(feats)
     preds = [predictor.to_prediction(r.id, d) for r, d in zip(rows, decoded, strict=True)]
@@ -95,12 +95,6 @@ def score_bundle(
     write_report(report, out_dir, f"{predictor.version} (int8 ONNX) on {settings.profile}/{split}")
     write_predictions(out_dir / "predictions.jsonl", preds)
     return report
-
-
-def load_package_features(bundle: Path):  # type: ignore[no-untyped-def]
-    from model.export import load_bundle_config
-
-    return load_bundle_config(bundle).features
 
 
 def compare_models(
