@@ -69,6 +69,7 @@ __all__ = [
     "TeacherTargets",
     "ctc_frame_ms",
     "run_distill_stage",
+    "student_losses",
     "teacher_targets",
     "train_student",
 ]
@@ -245,6 +246,51 @@ def _chunk_mask(
     return chunk_attention_mask(frames, int(rng.choice(chunks)), left_chunks)
 
 
+def student_losses(
+    student: JointModel, train: SLUDataset, idx: list[int], targets: TeacherTargets,
+    student_cfg: FeatureConfig, settings: Settings, specaug: SpecAugment,
+    aug_gen: torch.Generator, np_rng: np.random.Generator, projection: nn.Module,
+) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
+    """One training step's loss terms for utterances ``idx`` of ``train`` (raw features).
+
+    Returns each term (KD and, for labelled data, ground truth), their weighted total and
+    the chunk mask the batch was trained with (None = full context).
+    """
+    st = settings.student
+    ds = st.distill
+    batch = collate(train, idx)
+    raw = [train.feats[j] for j in idx]
+    s_feats = specaug(_normalised_batch(raw, student_cfg), batch.lengths, aug_gen)
+    (t_ctc, t_ctc_lengths, t_intent, parse_in, parse_out, t_parse, t_enc,
+     t_enc_lengths) = targets.batch(idx)
+    parse_pad = parse_in == ParseVocab.PAD
+    mask = _chunk_mask(student, batch.lengths, np_rng, st.streaming.chunks,
+                       st.streaming.full_context_p, st.streaming.left_chunks)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=st.train.bf16):
+        s_out = student(s_feats, batch.lengths, parse_in, parse_pad, mask)
+    assert s_out.parse_logits is not None
+    T = ds.temperature
+    terms: dict[str, Tensor] = {
+        "kd_ctc": kd_ctc(s_out.ctc_logits, s_out.ctc_lengths, t_ctc, t_ctc_lengths, T),
+        "kd_intent": kd_intent(s_out.intent_logits, t_intent, T),
+        "kd_parse": kd_parse(s_out.parse_logits, t_parse, parse_pad, T),
+    }
+    if t_enc is not None and t_enc_lengths is not None:
+        terms["kd_hidden"] = hidden_mse(s_out.encoder, s_out.encoder_lengths,
+                                        t_enc, t_enc_lengths, projection)
+    if ds.labelled:
+        terms["ctc"] = ctc_loss(s_out.ctc_logits, s_out.ctc_lengths, batch.ctc_targets,
+                                batch.ctc_lengths)
+        terms["intent"] = intent_loss(s_out.intent_logits, batch.intents)
+        terms["parse"] = parse_loss(s_out.parse_logits, parse_out, st.train.loss.label_smoothing)
+    w, kw = ds.weights, ds.kd_weights
+    weights = {"kd_ctc": kw["ctc"], "kd_intent": kw["intent"], "kd_parse": kw["parse"],
+               "kd_hidden": kw["hidden"], "ctc": w["ctc"], "intent": w["intent"],
+               "parse": w["parse"]}
+    total = sum((weights[k] * v for k, v in terms.items()), torch.zeros(()))
+    return terms, total, mask
+
+
 def train_student(
     settings: Settings,
     teacher_dir: Path | None = None,
@@ -361,7 +407,6 @@ def train_student(
         settings.decode.max_parse_len, ts.bf16, ds.kd_weights["hidden"] > 0, progress)
     stopped = "epochs"
     student.train()
-    w, kw = ds.weights, ds.kd_weights
     while epoch < ts.epochs:
         if qat_start is not None and epoch >= qat_start and qat is None:
             # Keep the float student QAT starts from: the PTQ baseline of the benchmark.
@@ -381,36 +426,9 @@ def train_student(
         epoch_start = time.perf_counter()
         bar = tqdm(batches, desc=f"student epoch {epoch}", unit="batch", disable=not progress)
         for i, idx in enumerate(bar):
-            batch = collate(train, idx)
-            raw = [train.feats[j] for j in idx]
-            s_feats = specaug(_normalised_batch(raw, student_cfg), batch.lengths, aug_gen)
-            (t_ctc, t_ctc_lengths, t_intent, parse_in, parse_out, t_parse, t_enc,
-             t_enc_lengths) = targets.batch(idx)
-            parse_pad = parse_in == ParseVocab.PAD
-            mask = _chunk_mask(student, batch.lengths, np_rng, st.streaming.chunks,
-                               st.streaming.full_context_p, st.streaming.left_chunks)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ts.bf16):
-                s_out = student(s_feats, batch.lengths, parse_in, parse_pad, mask)
-            assert s_out.parse_logits is not None
-            T = ds.temperature
-            terms: dict[str, Tensor] = {
-                "kd_ctc": kd_ctc(s_out.ctc_logits, s_out.ctc_lengths, t_ctc, t_ctc_lengths, T),
-                "kd_intent": kd_intent(s_out.intent_logits, t_intent, T),
-                "kd_parse": kd_parse(s_out.parse_logits, t_parse, parse_pad, T),
-            }
-            if t_enc is not None and t_enc_lengths is not None:
-                terms["kd_hidden"] = hidden_mse(s_out.encoder, s_out.encoder_lengths,
-                                                t_enc, t_enc_lengths, projection)
-            if ds.labelled:
-                terms["ctc"] = ctc_loss(s_out.ctc_logits, s_out.ctc_lengths, batch.ctc_targets,
-                                        batch.ctc_lengths)
-                terms["intent"] = intent_loss(s_out.intent_logits, batch.intents)
-                terms["parse"] = parse_loss(s_out.parse_logits, parse_out,
-                                            ts.loss.label_smoothing)
-            weights = {"kd_ctc": kw["ctc"], "kd_intent": kw["intent"], "kd_parse": kw["parse"],
-                       "kd_hidden": kw["hidden"], "ctc": w["ctc"], "intent": w["intent"],
-                       "parse": w["parse"]}
-            total = sum((weights[k] * v for k, v in terms.items()), torch.zeros(()))
+            terms, total, mask = student_losses(
+                student, train, idx, targets, student_cfg, settings, specaug, aug_gen, np_rng,
+                projection)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             grad_norm = nn.utils.clip_grad_norm_(student.parameters(), ts.grad_clip)
