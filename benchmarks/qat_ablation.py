@@ -46,8 +46,7 @@ METRICS = ("intent_accuracy", "slot_f1", "wer", "semer", "exact_match")
 
 
 def _score(rows, predictor, feats) -> dict:
-    decoded = predictor.decode_features(feats)
-    preds = [predictor.to_prediction(r.id, d) for r, d in zip(rows, decoded, strict=True)]
+    preds = predictor.predict_features([r.id for r in rows], feats)
     o = evaluate(rows, preds).overall
     return {m: round(float(getattr(o, m)), 4) for m in METRICS}
 

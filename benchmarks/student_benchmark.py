@@ -35,7 +35,6 @@ from model.audio import load_audio
 from model.compare import folder_bytes
 from model.data.corpus import CorpusLayout
 from model.data.manifest import read_manifest
-from model.dataset import SLUDataset
 from model.evaluation import evaluate
 from model.export import export_onnx, quantize_bundle
 from model.inference import SLUPredictor
@@ -72,9 +71,8 @@ def _latency(predict: Callable[[np.ndarray], object], clips: list[np.ndarray]) -
             "rtf_p50": round(float(np.percentile(ms, 50)) / 3000, 4)}
 
 
-def _accuracy(settings, rows, predictor, feats) -> dict:
-    decoded = predictor.decode_features(feats)
-    preds = [predictor.to_prediction(r.id, d) for r, d in zip(rows, decoded, strict=True)]
+def _accuracy(rows, predictor, feats) -> dict:
+    preds = predictor.predict_features([r.id for r in rows], feats)
     o = evaluate(rows, preds).overall
     return {m: round(float(getattr(o, m)), 4) for m in METRICS}
 
@@ -163,7 +161,7 @@ def main() -> None:
             cache[key] = (rows, feats)
         rows, feats = cache[key]
         start = time.perf_counter()
-        v["accuracy"] = _accuracy(settings, rows, v["make"](batch), feats)
+        v["accuracy"] = _accuracy(rows, v["make"](batch), feats)
         print(f"{name}: {v['accuracy']} ({time.perf_counter() - start:.0f} s)", flush=True)
     rows, feats = cache[repr(student.features)]
     for chunk in settings.student.streaming.eval_chunks:
@@ -172,8 +170,7 @@ def main() -> None:
         result["streaming_accuracy"][str(chunk)] = {
             "chunk_ms": chunk * student.model.cfg.encoder.subsampling
             * student.features.hop_ms if chunk else None,
-            **_accuracy(settings, SLUDataset(rows, feats, student.ctc_vocab,
-                                             student.parse_vocab).rows, predictor, feats)}
+            **_accuracy(rows, predictor, feats)}
         print(f"streaming chunk {chunk or 'full'}: {result['streaming_accuracy'][str(chunk)]}",
               flush=True)
 

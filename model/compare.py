@@ -13,9 +13,10 @@ from pathlib import Path
 
 from model.evaluation import EvaluationReport, evaluate, write_report
 from model.export import load_bundle_config
+from model.inference import SLUPredictor
 from model.package import load_package
 from model.prediction import write_predictions
-from model.train import load_split, predict_dataset
+from model.train import load_split
 from serving.onnx_predictor import OnnxSLUPredictor
 from voiceloop.settings import Settings
 
@@ -89,8 +90,7 @@ def score_bundle(
                                  max_parse_len=settings.decode.max_parse_len)
     features = load_bundle_config(bundle).features
     rows, feats = load_split(settings, split, progress, features)
-    decoded = predictor.decode_features(feats)
-    preds = [predictor.to_prediction(r.id, d) for r, d in zip(rows, decoded, strict=True)]
+    preds = predictor.predict_features([r.id for r in rows], feats)
     report = evaluate(rows, preds)
     write_report(report, out_dir, f"{predictor.version} (int8 ONNX) on {settings.profile}/{split}")
     write_predictions(out_dir / "predictions.jsonl", preds)
@@ -110,12 +110,10 @@ def compare_models(
     if teacher_metrics_file.exists():
         teacher = json.loads(teacher_metrics_file.read_text(encoding="utf-8"))
     else:
-        from model.dataset import SLUDataset
-
         rows, feats = load_split(settings, split, progress, teacher_pkg.features)
-        data = SLUDataset(rows, feats, teacher_pkg.ctc_vocab, teacher_pkg.parse_vocab)
-        preds = predict_dataset(teacher_pkg, data, settings.decode.batch_size,
-                                settings.decode.max_parse_len)
+        predictor = SLUPredictor(teacher_pkg, settings.decode.batch_size,
+                                 settings.decode.max_parse_len)
+        preds = predictor.predict_features([r.id for r in rows], feats)
         teacher = evaluate(rows, preds).overall.model_dump()
     student = student_report.overall.model_dump()
     student_pkg = load_package(student_root / "model")

@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from model.audio import load_audio
 from model.data.manifest import ManifestRow
-from model.features import FeatureConfig, FeatureExtractor
+from model.features import FeatureConfig, FeatureExtractor, normalise_features
 from model.tokens import CTCVocab, ParseVocab
 
-__all__ = ["Batch", "SLUDataset", "collate", "load_features", "make_batches"]
+__all__ = ["Batch", "SLUDataset", "collate", "load_features", "make_batches", "pad_parses"]
 
 log = logging.getLogger(__name__)
 
@@ -159,19 +159,35 @@ def make_batches(
     return batches
 
 
-def collate(data: SLUDataset, indices: Sequence[int]) -> Batch:
-    """Pad the utterances ``indices`` of ``data`` into a :class:`Batch`."""
-    feats = [data.feats[i].float() for i in indices]
-    lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.long)
-    padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
-    chars = [torch.tensor(data.ctc_targets[i], dtype=torch.long) for i in indices]
-    parses = [data.parses[i] for i in indices]
+def pad_parses(parses: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    """Full parse sequences ``[<bos>, …, <eos>]`` → decoder inputs (all but the last
+    token) and targets (all but the first), ``(B, U)`` each, ``<pad>``-padded."""
     width = max(len(p) for p in parses) - 1
-    parse_in = torch.full((len(indices), width), ParseVocab.PAD, dtype=torch.long)
-    parse_out = torch.full((len(indices), width), ParseVocab.PAD, dtype=torch.long)
+    parse_in = torch.full((len(parses), width), ParseVocab.PAD, dtype=torch.long)
+    parse_out = torch.full((len(parses), width), ParseVocab.PAD, dtype=torch.long)
     for b, p in enumerate(parses):
         parse_in[b, : len(p) - 1] = torch.tensor(p[:-1])
         parse_out[b, : len(p) - 1] = torch.tensor(p[1:])
+    return parse_in, parse_out
+
+
+def collate(
+    data: SLUDataset, indices: Sequence[int], features: FeatureConfig | None = None
+) -> Batch:
+    """Pad the utterances ``indices`` of ``data`` into a :class:`Batch`.
+
+    With ``features``, each utterance's stored (raw) features are normalised with it
+    before padding — how distillation feeds one cache of raw log-mels to a teacher and a
+    student that normalise differently.
+    """
+    feats = [
+        data.feats[i].float() if features is None else normalise_features(data.feats[i], features)
+        for i in indices
+    ]
+    lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.long)
+    padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+    chars = [torch.tensor(data.ctc_targets[i], dtype=torch.long) for i in indices]
+    parse_in, parse_out = pad_parses([data.parses[i] for i in indices])
     return Batch(
         ids=[data.rows[i].id for i in indices],
         feats=padded,

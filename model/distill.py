@@ -34,9 +34,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from model.compare import Comparison, compare_models
-from model.dataset import SLUDataset, collate, make_batches
+from model.dataset import SLUDataset, collate, make_batches, pad_parses
 from model.decoding import greedy_parse
 from model.distill_losses import hidden_mse, kd_ctc, kd_intent, kd_parse
+from model.export import export_onnx, quantize_bundle
 from model.features import FeatureConfig, SpecAugment, global_stats, normalise_features
 from model.losses import ctc_loss, intent_loss, parse_loss
 from model.network import JointModel, JointOutput
@@ -51,6 +52,7 @@ from model.train import (
     clarify_threshold_for,
     epochs_in_budget,
     load_split,
+    random_subset,
     restore_rng_state,
     rng_state,
     save_checkpoint,
@@ -115,20 +117,9 @@ def ctc_frame_ms(model: JointModel, hop_ms: float) -> float:
     return model.cfg.encoder.subsampling * hop_ms / model.cfg.ctc_upsample
 
 
-def _normalised_batch(raw: list[Tensor], cfg: FeatureConfig) -> Tensor:
-    """``raw`` ``[(T_i, F)]`` normalised with ``cfg``, zero-padded to ``(B, T, F)``."""
-    feats = [normalise_features(f, cfg) for f in raw]
-    return nn.utils.rnn.pad_sequence(feats, batch_first=True)
-
-
 def _parse_tensors(sequences: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
     """Token id lists (no bos/eos) → decoder input, target and padding mask ``(B, U)``."""
-    width = max(len(s) for s in sequences) + 1
-    parse_in = torch.full((len(sequences), width), ParseVocab.PAD, dtype=torch.long)
-    parse_out = torch.full_like(parse_in, ParseVocab.PAD)
-    for b, seq in enumerate(sequences):
-        parse_in[b, : len(seq) + 1] = torch.tensor([ParseVocab.BOS, *seq])
-        parse_out[b, : len(seq) + 1] = torch.tensor([*seq, ParseVocab.EOS])
+    parse_in, parse_out = pad_parses([[ParseVocab.BOS, *s, ParseVocab.EOS] for s in sequences])
     return parse_in, parse_out, parse_in == ParseVocab.PAD
 
 
@@ -216,10 +207,9 @@ def teacher_targets(
     intent = torch.zeros(n, teacher.cfg.n_intents)
     batches = make_batches(data.lengths, max_frames)
     for idx in tqdm(batches, desc="teacher targets", unit="batch", disable=not progress):
-        batch = collate(data, idx)
-        feats = _normalised_batch([data.feats[j] for j in idx], features)
+        batch = collate(data, idx, features)
         out, p_in, p_out, p_pad = _teacher_outputs(
-            teacher, feats, batch.lengths, batch.parse_in if labelled else None,
+            teacher, batch.feats, batch.lengths, batch.parse_in if labelled else None,
             batch.parse_pad_mask if labelled else None, max_parse_len, bf16)
         if labelled:
             p_out = batch.parse_out
@@ -258,9 +248,8 @@ def student_losses(
     """
     st = settings.student
     ds = st.distill
-    batch = collate(train, idx)
-    raw = [train.feats[j] for j in idx]
-    s_feats = specaug(_normalised_batch(raw, student_cfg), batch.lengths, aug_gen)
+    batch = collate(train, idx, student_cfg)
+    s_feats = specaug(batch.feats, batch.lengths, aug_gen)
     (t_ctc, t_ctc_lengths, t_intent, parse_in, parse_out, t_parse, t_enc,
      t_enc_lengths) = targets.batch(idx)
     parse_pad = parse_in == ParseVocab.PAD
@@ -309,8 +298,7 @@ def train_student(
         out_dir: run folder (default ``<models_dir>/student``).
         track: MLflow logging, and registration of the deploy bundle as a pyfunc.
     """
-    from model.export import export_onnx, quantize_bundle
-    from voiceloop.tracking import RunLogger
+    from voiceloop.tracking import RunLogger  # MLflow import is slow; only when training
 
     start_time = time.perf_counter()
     st = settings.student
@@ -330,14 +318,10 @@ def train_student(
     raw_cfg = replace(teacher_pkg.features, normalise="none", mean=None, std=None)
     train_rows, train_raw = load_split(settings, "train", progress, raw_cfg)
     valid_rows, valid_raw = load_split(settings, "valid", progress, raw_cfg)
-    if ts.max_train_utterances and len(train_rows) > ts.max_train_utterances:
-        keep = sorted(np.random.default_rng(settings.seed + 1).choice(
-            len(train_rows), ts.max_train_utterances, replace=False))
-        train_rows, train_raw = [train_rows[i] for i in keep], [train_raw[i] for i in keep]
-    if ts.eval_max_utterances and len(valid_rows) > ts.eval_max_utterances:
-        keep = sorted(np.random.default_rng(settings.seed).choice(
-            len(valid_rows), ts.eval_max_utterances, replace=False))
-        valid_rows, valid_raw = [valid_rows[i] for i in keep], [valid_raw[i] for i in keep]
+    train_rows, train_raw = random_subset(
+        train_rows, train_raw, ts.max_train_utterances, settings.seed + 1)
+    valid_rows, valid_raw = random_subset(
+        valid_rows, valid_raw, ts.eval_max_utterances, settings.seed)
     mean, std = global_stats(train_raw)
     student_cfg = replace(raw_cfg, normalise="global", mean=mean, std=std)
     train = SLUDataset(train_rows, train_raw, ctc_vocab, vocab)

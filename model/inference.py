@@ -167,6 +167,11 @@ class BatchPredictor(ABC):
     def to_prediction(self, uid: str, decoded: Decoded) -> Prediction:
         return decoded_to_prediction(uid, decoded, self.version, self.clarify_threshold)
 
+    def predict_features(self, ids: Sequence[str], feats: Sequence[Tensor]) -> list[Prediction]:
+        """Predictions for already-computed features ``(T_i, F)`` (e.g. a cached split)."""
+        decoded = self.decode_features(feats)
+        return [self.to_prediction(uid, d) for uid, d in zip(ids, decoded, strict=True)]
+
     def predict_waveforms(
         self, ids: Sequence[str], waveforms: Sequence[np.ndarray], sample_rates: Sequence[int]
     ) -> list[Prediction]:

@@ -84,7 +84,13 @@ class StreamingFeatures:
     def _emit(self, upto: int) -> Tensor:
         if upto <= self.emitted:
             return torch.zeros(0, self.extractor.cfg.n_mels)
-        feats = self.extractor(self._audio())[self.emitted : upto]
+        # Only the tail is analysed, not the whole utterance again: starting `margin`
+        # frames early keeps the slice's own edge reflection away from the frames
+        # emitted (frame-wise normalisation makes the rest exact).
+        hop = self.extractor.hop
+        margin = -(-(self.extractor.n_fft // 2) // hop)
+        first = max(0, self.emitted - margin)
+        feats = self.extractor(self._audio()[first * hop :])[self.emitted - first : upto - first]
         self.emitted = upto
         return feats
 

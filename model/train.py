@@ -55,6 +55,7 @@ __all__ = [
     "feature_config",
     "load_split",
     "predict_dataset",
+    "random_subset",
     "restore_rng_state",
     "rng_state",
     "save_checkpoint",
@@ -251,8 +252,7 @@ def predict_dataset(
 ) -> list[Prediction]:
     """Predictions for every utterance of ``data`` from its cached features."""
     predictor = SLUPredictor(package, batch_size=batch_size, max_parse_len=max_parse_len)
-    decoded = predictor.decode_features(data.feats)
-    return [predictor.to_prediction(r.id, d) for r, d in zip(data.rows, decoded, strict=True)]
+    return predictor.predict_features([r.id for r in data.rows], data.feats)
 
 
 def validate_model(
@@ -280,6 +280,17 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
+
+
+def random_subset(
+    rows: list[ManifestRow], feats: list, limit: int | None, seed: int
+) -> tuple[list[ManifestRow], list]:
+    """At most ``limit`` rows (with their features), drawn at random with ``seed`` and kept
+    in their original order; everything when ``limit`` is None or not smaller."""
+    if not limit or len(rows) <= limit:
+        return rows, feats
+    keep = sorted(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
+    return [rows[i] for i in keep], [feats[i] for i in keep]
 
 
 def load_split(
@@ -339,16 +350,10 @@ def train_teacher(
     grammar = Grammar.load(settings.corpus.language)
     train_rows, train_feats = load_split(settings, "train", progress)
     valid_rows, valid_feats = load_split(settings, "valid", progress)
-    if ts.max_train_utterances and len(train_rows) > ts.max_train_utterances:
-        keep = np.random.default_rng(settings.seed + 1).choice(
-            len(train_rows), ts.max_train_utterances, replace=False)
-        train_rows = [train_rows[i] for i in sorted(keep)]
-        train_feats = [train_feats[i] for i in sorted(keep)]
-    if ts.eval_max_utterances and len(valid_rows) > ts.eval_max_utterances:
-        keep = np.random.default_rng(settings.seed).choice(
-            len(valid_rows), ts.eval_max_utterances, replace=False)
-        valid_rows = [valid_rows[i] for i in sorted(keep)]
-        valid_feats = [valid_feats[i] for i in sorted(keep)]
+    train_rows, train_feats = random_subset(
+        train_rows, train_feats, ts.max_train_utterances, settings.seed + 1)
+    valid_rows, valid_feats = random_subset(
+        valid_rows, valid_feats, ts.eval_max_utterances, settings.seed)
     vocab = build_vocab(grammar, train_rows)
     ctc_vocab = build_ctc_vocab(settings, vocab)
     train = SLUDataset(train_rows, train_feats, ctc_vocab, vocab)
