@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+import model.lm_stage  # noqa: F401  loaded before the hour of training, not after it
 from model.compare import Comparison, compare_models
 from model.dataset import SLUDataset, collate, make_batches, pad_parses
 from model.decoding import greedy_parse
@@ -44,10 +45,11 @@ from model.network import JointModel, JointOutput
 from model.package import ModelPackage, load_package, save_package
 from model.qat import QATHandle, prepare_qat
 from model.streaming import chunk_attention_mask
-from model.tokens import ParseVocab
+from model.tokens import CTCVocab, ParseVocab
 from model.train import (
     RunLayout,
     WarmupCosine,
+    attach_lm_metrics,
     build_model,
     clarify_threshold_for,
     epochs_in_budget,
@@ -225,6 +227,23 @@ def teacher_targets(
     return TeacherTargets(ctc, intent, parse_in, parse_out, parse, encoder)
 
 
+def warm_start(
+    student: JointModel, source: ModelPackage, vocab: ParseVocab, ctc_vocab: CTCVocab,
+) -> None:
+    """Copy ``source``'s weights into ``student`` (in place).
+
+    Raises:
+        ValueError: the vocabularies differ (the heads' rows would mean other tokens) or
+            the architectures differ (names the first mismatching tensors).
+    """
+    if source.parse_vocab.tokens != vocab.tokens or source.ctc_vocab.to_json() != ctc_vocab.to_json():
+        raise ValueError("warm start: the source model's vocabularies differ from the "
+                         "teacher's; train from scratch instead")
+    if getattr(source.model, "cfg", None) != student.cfg:
+        raise ValueError(f"warm start: architecture differs: {source.model.cfg} vs {student.cfg}")
+    student.load_state_dict(source.model.state_dict())
+
+
 def _chunk_mask(
     student: JointModel, lengths: Tensor, rng: np.random.Generator, chunks: list[int],
     full_context_p: float, left_chunks: int | None,
@@ -287,6 +306,7 @@ def train_student(
     resume: bool = True,
     out_dir: Path | None = None,
     track: bool = True,
+    init_from: Path | None = None,
 ) -> StudentResult:
     """Distil the teacher into the student of ``settings.student`` and export it.
 
@@ -297,6 +317,10 @@ def train_student(
         resume: continue from ``checkpoints/last.pt`` when it exists.
         out_dir: run folder (default ``<models_dir>/student``).
         track: MLflow logging, and registration of the deploy bundle as a pyfunc.
+        init_from: a float student package (e.g. an earlier run's ``pre_qat_model/``) to
+            start from instead of random weights: the retraining flow's warm start, and the
+            way to give a student more epochs than one time budget holds. Same architecture
+            and vocabularies required; ignored when resuming a checkpoint.
     """
     from voiceloop.tracking import RunLogger  # MLflow import is slow; only when training
 
@@ -329,6 +353,10 @@ def train_student(
         valid_rows, [normalise_features(f, student_cfg) for f in valid_raw], ctc_vocab, vocab)
 
     student = build_model(settings, vocab, ctc_vocab, st.model)
+    resuming = resume and layout.last.exists()
+    if init_from is not None and not resuming:
+        warm_start(student, load_package(init_from), vocab, ctc_vocab)
+        log.info("student warm-started from %s", init_from)
     rates = (ctc_frame_ms(student, raw_cfg.hop_ms), ctc_frame_ms(teacher, raw_cfg.hop_ms))
     if rates[0] != rates[1]:
         raise ValueError(
@@ -352,7 +380,7 @@ def train_student(
     best_valid: dict[str, float] = {}
     run_id: str | None = None
     qat: QATHandle | None = None
-    if resume and layout.last.exists():
+    if resuming:
         state = torch.load(layout.last, weights_only=False)
         qat_start = state["qat_start"]
         if state["qat_active"]:
@@ -384,6 +412,7 @@ def train_student(
             "student": st.model_dump(), "parameters": student.num_parameters(),
             "teacher_parameters": teacher.num_parameters(), "teacher": str(teacher_dir),
             "teacher_version": teacher_pkg.version, "train_utterances": len(train),
+            "init_from": str(init_from) if init_from else "",
         })
 
     targets = teacher_targets(
@@ -500,10 +529,14 @@ def train_student(
     }
     package = ModelPackage(student, student_cfg, vocab, threshold, metadata, ctc_vocab)
     save_package(package, layout.model_dir)
+    # Tuned for the student's own posteriors; the bundles get a copy through export.
+    lm_metrics = attach_lm_metrics(settings, layout.model_dir, progress)
+    if lm_metrics:
+        package.lm_dir = layout.model_dir / "lm"
     export_onnx(package, layout.deploy_fp32_dir)
     quantize_bundle(layout.deploy_fp32_dir, layout.deploy_dir)
     metrics = {
-        **best_valid, "best_epoch": best_epoch, "epochs_run": len(history),
+        **best_valid, **lm_metrics, "best_epoch": best_epoch, "epochs_run": len(history),
         "qat_start_epoch": qat_start if qat_start is not None else -1,
         "parameters": student.num_parameters(), "teacher_parameters": teacher.num_parameters(),
         "wall_minutes": round(wall_s / 60, 2), "clarify_threshold": threshold,
@@ -533,6 +566,7 @@ class DistillOutcome:
 def run_distill_stage(
     settings: Settings, teacher_dir: Path | None = None, progress: bool = True,
     resume: bool = True, track: bool = True, out_dir: Path | None = None,
+    init_from: Path | None = None,
 ) -> DistillOutcome:
     """``train_student``, then score the int8 bundle against the teacher on the test
     split, log the comparison to the student's MLflow run and register the bundle as a
@@ -543,7 +577,8 @@ def run_distill_stage(
     from voiceloop.tracking import RunLogger
 
     teacher_dir = teacher_dir or settings.models_dir / "teacher" / "model"
-    result = train_student(settings, teacher_dir, progress, resume, out_dir=out_dir, track=track)
+    result = train_student(settings, teacher_dir, progress, resume, out_dir=out_dir, track=track,
+                           init_from=init_from)
     root = result.model_dir.parent
     comparison = compare_models(settings, teacher_dir, root, "test", progress)
     registered = None

@@ -31,13 +31,15 @@ def evaluate_model(
     out_dir: Path | None = None,
     progress: bool = True,
     track: bool = True,
+    use_lm: bool | None = None,
 ) -> EvaluateResult:
     """Predict ``split`` with the model, score it, write the report, log it to MLflow.
 
     The report goes to ``out_dir`` (default ``<model folder>/../eval/<split>``, or
     ``<models_dir>/eval/<uri>/<split>`` for an MLflow URI); with
     ``track``, files and metrics (prefixed ``<split>/``) are logged to the model's
-    training run when it has one, else to a new ``evaluate`` run.
+    training run when it has one, else to a new ``evaluate`` run. ``use_lm``: transcripts
+    from the model's LM beam search when it has one (default ``decode.lm.enabled``).
     """
     from voiceloop.tracking import RunLogger, resolve_model_uri
 
@@ -45,7 +47,8 @@ def evaluate_model(
     package = load_package(folder)
     rows, feats = load_split(settings, split, progress, package.features)
     data = SLUDataset(rows, feats, package.ctc_vocab, package.parse_vocab)
-    preds = predict_dataset(package, data, settings.decode.batch_size, settings.decode.max_parse_len)
+    preds = predict_dataset(package, data, settings.decode.batch_size, settings.decode.max_parse_len,
+                            settings.decode.lm.enabled if use_lm is None else use_lm)
     report = evaluate(rows, preds)
     if out_dir is None:
         # Never write into an MLflow artifact store: a registry URI gets its own folder.

@@ -30,6 +30,7 @@ gives the utterance-alone result).
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -316,6 +317,8 @@ def export_onnx(package: ModelPackage, out_dir: Path, verify: bool = True,
         "decoder_inputs": list(DECODER_INPUTS), "decoder_outputs": list(DECODER_OUTPUTS),
     }
     _write_config(out_dir, config)
+    if package.lm_dir is not None:
+        shutil.copytree(package.lm_dir, out_dir / "lm", dirs_exist_ok=True)
     bundle = open_bundle(out_dir)
     if verify:
         check_bundle(bundle, model, atol=atol)
@@ -428,4 +431,6 @@ def quantize_bundle(src: Path, dst: Path, per_channel: bool = True,
                          "op_types": list(op_types)},
     })
     _write_config(dst, config)
+    if (src / "lm").is_dir():
+        shutil.copytree(src / "lm", dst / "lm", dirs_exist_ok=True)
     return open_bundle(dst)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model.audio import AudioError, load_audio, prepare_waveform
+from model.beam import BeamTranscriber
 from model.decoding import ctc_greedy, greedy_parse
 from model.features import FeatureConfig, FeatureExtractor
 from model.network import chunk_attention_mask
@@ -58,11 +60,15 @@ class BatchOutput:
         ctc_ids: B greedy CTC unit-id lists.
         intent_probs: ``(B, I)`` intent posteriors.
         parses: B parse token-id lists (no ``<bos>``/``<eos>``).
+        ctc_logits: ``(B, T', C)`` CTC logits and ``ctc_lengths`` ``(B,)`` valid slots,
+            for the LM beam search (``None`` when the predictor has no LM).
     """
 
     ctc_ids: list[list[int]]
     intent_probs: Tensor
     parses: list[list[int]]
+    ctc_logits: Tensor | None = None
+    ctc_lengths: Tensor | None = None
 
 
 def decoded_to_prediction(
@@ -111,6 +117,8 @@ class BatchPredictor(ABC):
         subsampling: the encoder's front-end factor (sets the shortest usable audio).
         batch_size: utterances per forward pass.
         max_parse_len: longest parse to decode.
+        lm_dir: a model folder or bundle with ``lm/``: transcripts then come from the
+            lexicon + n-gram beam search (``model.beam``) instead of greedy CTC.
     """
 
     def __init__(
@@ -122,8 +130,10 @@ class BatchPredictor(ABC):
         subsampling: int,
         batch_size: int = 16,
         max_parse_len: int = 40,
+        lm_dir: Path | None = None,
     ) -> None:
         self.feature_config = features
+        self.transcriber = BeamTranscriber(lm_dir, ctc_vocab) if lm_dir is not None else None
         self.extractor = FeatureExtractor(features)
         self.parse_vocab = parse_vocab
         self.ctc_vocab = ctc_vocab
@@ -153,10 +163,15 @@ class BatchPredictor(ABC):
             padded = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True)
             out = self._decode_batch(padded, lengths)
             conf, best = out.intent_probs.float().max(dim=-1)
+            texts = (
+                self.transcriber.decode(out.ctc_logits, out.ctc_lengths)
+                if self.transcriber is not None and out.ctc_logits is not None
+                else [self.ctc_vocab.decode(ids).strip() for ids in out.ctc_ids]
+            )
             for j, i in enumerate(idx):
                 parse_intent, slots = self.parse_vocab.decode(out.parses[j])
                 results[i] = Decoded(
-                    transcript=self.ctc_vocab.decode(out.ctc_ids[j]).strip(),
+                    transcript=texts[j],
                     intent=intents[int(best[j])],
                     confidence=float(conf[j]),
                     parse_intent=parse_intent,
@@ -226,11 +241,12 @@ class SLUPredictor(BatchPredictor):
 
     def __init__(
         self, package: ModelPackage, batch_size: int = 16, max_parse_len: int = 40,
-        chunk: int | None = None,
+        chunk: int | None = None, use_lm: bool = True,
     ) -> None:
         super().__init__(
             package.features, package.parse_vocab, package.ctc_vocab, package.clarify_threshold,
             package.model.cfg.encoder.subsampling, batch_size, max_parse_len,
+            package.lm_dir.parent if use_lm and package.lm_dir is not None else None,
         )
         self.package = package
         self.model = package.model.eval()
@@ -239,7 +255,7 @@ class SLUPredictor(BatchPredictor):
         self.chunk = chunk
 
     @classmethod
-    def load(cls, folder: Path, **kwargs: int) -> SLUPredictor:
+    def load(cls, folder: Path, **kwargs: Any) -> SLUPredictor:
         return cls(load_package(folder), **kwargs)
 
     @property
@@ -254,8 +270,11 @@ class SLUPredictor(BatchPredictor):
             mask = chunk_attention_mask(frames, self.chunk)
         enc, enc_lengths, pad = self.model.encode(feats, lengths, mask)
         parses, _ = greedy_parse(self.model, enc, pad, self.max_parse_len)
+        ctc_logits, ctc_lengths = self.model.ctc(enc, enc_lengths)
         return BatchOutput(
-            ctc_ids=ctc_greedy(*self.model.ctc(enc, enc_lengths)),
+            ctc_ids=ctc_greedy(ctc_logits, ctc_lengths),
             intent_probs=torch.softmax(self.model.intent_head(enc, pad).float(), dim=-1),
             parses=parses,
+            ctc_logits=ctc_logits if self.transcriber is not None else None,
+            ctc_lengths=ctc_lengths,
         )

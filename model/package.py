@@ -5,6 +5,7 @@
     model/
       weights.pt      state_dict of the JointModel
       config.json     model + feature config, vocabularies, clarify threshold, metadata
+      lm/             optional: lexicon + word n-gram for the transcript beam search
 
 A folder is what training writes, DVC tracks, MLflow stores as an artifact and
 ``voiceloop predict --model`` loads.
@@ -13,6 +14,7 @@ A folder is what training writes, DVC tracks, MLflow stores as an artifact and
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,8 @@ class ModelPackage:
     clarify_threshold: float = 0.0
     metadata: dict[str, Any] = field(default_factory=dict)
     ctc_vocab: CTCVocab = field(default_factory=CharVocab)
+    # The transcript LM folder (``model.beam``) that travels with the model, if any.
+    lm_dir: Path | None = None
 
     @property
     def version(self) -> str:
@@ -62,6 +66,8 @@ def save_package(package: ModelPackage, folder: Path) -> Path:
     torch.save(package.model.state_dict(), tmp)
     tmp.replace(folder / _WEIGHTS)
     (folder / _CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    if package.lm_dir is not None and package.lm_dir.resolve() != (folder / "lm").resolve():
+        shutil.copytree(package.lm_dir, folder / "lm", dirs_exist_ok=True)
     return folder
 
 
@@ -91,4 +97,5 @@ def load_package(folder: Path) -> ModelPackage:
         clarify_threshold=float(config.get("clarify_threshold", 0.0)),
         metadata=dict(config.get("metadata", {})),
         ctc_vocab=ctc_vocab_from_json(config.get("ctc_vocab")),
+        lm_dir=folder / "lm" if (folder / "lm" / "lm.arpa").is_file() else None,
     )

@@ -58,8 +58,12 @@ def predict_manifest(
     out: Path,
     batch_size: int = 16,
     progress: bool = False,
+    use_lm: bool | None = None,
 ) -> PredictSummary:
-    """Predict every line of ``manifest`` into ``out`` (same order, one line each)."""
+    """Predict every line of ``manifest`` into ``out`` (same order, one line each).
+
+    ``use_lm``: transcribe with the model's LM beam search when it carries one (default:
+    ``decode.lm.enabled``)."""
     import torch
 
     from serving.onnx_predictor import load_predictor
@@ -68,6 +72,7 @@ def predict_manifest(
     predictor = load_predictor(
         resolve_model_uri(model_uri, settings), batch_size=batch_size,
         max_parse_len=settings.decode.max_parse_len, threads=torch.get_num_threads(),
+        use_lm=settings.decode.lm.enabled if use_lm is None else use_lm,
     )
     items = _read_inputs(manifest)
     readable = [(i, uid, path) for i, (uid, path, problem) in enumerate(items) if problem is None]

@@ -47,6 +47,7 @@ __all__ = [
     "TeacherLayout",
     "TrainResult",
     "WarmupCosine",
+    "attach_lm_metrics",
     "build_ctc_vocab",
     "build_model",
     "build_vocab",
@@ -247,11 +248,32 @@ def write_run_summary(
         tracker.log_artifacts(layout.model_dir, "model")
 
 
+def load_ctc_units(model_dir: Path) -> str:
+    """``"char"`` or ``"word"``: the CTC units of a saved model folder."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return str((config.get("ctc_vocab") or {}).get("units", "char"))
+
+
+def attach_lm_metrics(settings: Settings, model_dir: Path, progress: bool) -> dict[str, float]:
+    """Attach the transcript LM (``model.lm_stage``) when ``decode.lm.enabled``; its
+    validation figures as run metrics (empty when disabled)."""
+    if not settings.decode.lm.enabled or load_ctc_units(model_dir) != "char":
+        return {}
+    from model.lm_stage import attach_lm  # lm_stage builds on this module
+
+    lm = attach_lm(settings, model_dir, progress)
+    return {"lm_valid_wer_greedy": lm.greedy_wer, "lm_valid_wer_beam": lm.beam_wer,
+            "lm_weight": lm.config.lm_weight, "lm_word_score": lm.config.word_score}
+
+
 def predict_dataset(
-    package: ModelPackage, data: SLUDataset, batch_size: int, max_parse_len: int
+    package: ModelPackage, data: SLUDataset, batch_size: int, max_parse_len: int,
+    use_lm: bool = True,
 ) -> list[Prediction]:
-    """Predictions for every utterance of ``data`` from its cached features."""
-    predictor = SLUPredictor(package, batch_size=batch_size, max_parse_len=max_parse_len)
+    """Predictions for every utterance of ``data`` from its cached features (transcripts
+    from the package's LM beam search when it has one and ``use_lm``)."""
+    predictor = SLUPredictor(package, batch_size=batch_size, max_parse_len=max_parse_len,
+                             use_lm=use_lm)
     return predictor.predict_features([r.id for r in data.rows], data.feats)
 
 
@@ -338,6 +360,7 @@ def train_teacher(
         track: log to MLflow (params, per-step and per-epoch metrics, plots, model) and
             register the model as a version of ``<registered_model>-teacher``.
     """
+    from model import lm_stage  # noqa: F401  loaded now: the run must not see later edits
     from voiceloop.tracking import RunLogger  # MLflow import is slow; only when training
 
     start_time = time.perf_counter()
@@ -520,7 +543,9 @@ def train_teacher(
     }
     package = ModelPackage(model, feats_cfg, vocab, threshold, metadata, ctc_vocab)
     save_package(package, layout.model_dir)
+    lm_metrics = attach_lm_metrics(settings, layout.model_dir, progress)
     metrics = {
+        **lm_metrics,
         **best_valid, "best_epoch": best_epoch, "epochs_run": len(history),
         "parameters": model.num_parameters(), "wall_minutes": round(wall_s / 60, 2),
         "clarify_threshold": threshold,

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model.beam import has_lm
 from model.decoding import ctc_greedy, greedy_parse_steps
 from model.export import (
     BundleConfig,
@@ -50,13 +51,15 @@ class OnnxSLUPredictor(BatchPredictor):
         threads: intra-op threads per session (inter-op: 1).
         batch_size: utterances per forward pass.
         max_parse_len: longest parse to decode (capped by the model's ``max_parse_len``).
+        use_lm: transcribe with the bundle's ``lm/`` beam search when it has one.
 
     Raises:
         ValueError: ``bundle_dir`` is not a deploy bundle.
     """
 
     def __init__(
-        self, bundle_dir: Path | str, threads: int = 1, batch_size: int = 16, max_parse_len: int = 40
+        self, bundle_dir: Path | str, threads: int = 1, batch_size: int = 16,
+        max_parse_len: int = 40, use_lm: bool = True,
     ) -> None:
         self.bundle: DeployBundle = open_bundle(Path(bundle_dir))
         self.config: BundleConfig = load_bundle_config(self.bundle.folder)
@@ -64,6 +67,7 @@ class OnnxSLUPredictor(BatchPredictor):
         super().__init__(
             cfg.features, cfg.parse_vocab, cfg.ctc_vocab, cfg.clarify_threshold,
             cfg.model.encoder.subsampling, batch_size, max_parse_len,
+            self.bundle.folder if use_lm and has_lm(self.bundle.folder) else None,
         )
         self.threads = threads
         self.encoder = make_session(self.bundle.encoder, threads)
@@ -88,10 +92,13 @@ class OnnxSLUPredictor(BatchPredictor):
             return torch.from_numpy(logits)
 
         parses, _ = greedy_parse_steps(step, feats.size(0), limit)
+        logits, ctc_lengths = torch.from_numpy(ctc_logits), torch.from_numpy(enc_lengths) * k
         return BatchOutput(
-            ctc_ids=ctc_greedy(torch.from_numpy(ctc_logits), torch.from_numpy(enc_lengths) * k),
+            ctc_ids=ctc_greedy(logits, ctc_lengths),
             intent_probs=torch.softmax(torch.from_numpy(intent_logits).float(), dim=-1),
             parses=parses,
+            ctc_logits=logits if self.transcriber is not None else None,
+            ctc_lengths=ctc_lengths,
         )
 
 
@@ -122,7 +129,8 @@ def pyfunc_bundle_dir(model_dir: Path) -> Path:
 
 
 def load_predictor(
-    folder: Path, batch_size: int = 16, max_parse_len: int = 40, threads: int = 1
+    folder: Path, batch_size: int = 16, max_parse_len: int = 40, threads: int = 1,
+    use_lm: bool = True,
 ) -> BatchPredictor:
     """The predictor for a local model folder.
 
@@ -131,6 +139,8 @@ def load_predictor(
     - ``encoder.onnx`` + ``config.json`` (a deploy bundle) → :class:`OnnxSLUPredictor`;
     - ``weights.pt`` + ``config.json`` (a torch package) → :class:`~model.inference.SLUPredictor`.
 
+    ``use_lm``: transcripts from the model's ``lm/`` beam search when it has one.
+
     Raises:
         FileNotFoundError: ``folder`` does not exist.
         ValueError: ``folder`` is none of the above.
@@ -138,11 +148,13 @@ def load_predictor(
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
     if (folder / "MLmodel").is_file():
-        return OnnxSLUPredictor(pyfunc_bundle_dir(folder), threads, batch_size, max_parse_len)
+        return OnnxSLUPredictor(pyfunc_bundle_dir(folder), threads, batch_size, max_parse_len,
+                                use_lm)
     if is_bundle(folder):
-        return OnnxSLUPredictor(folder, threads, batch_size, max_parse_len)
+        return OnnxSLUPredictor(folder, threads, batch_size, max_parse_len, use_lm)
     if (folder / "weights.pt").is_file() and (folder / "config.json").is_file():
-        return SLUPredictor.load(folder, batch_size=batch_size, max_parse_len=max_parse_len)
+        return SLUPredictor.load(folder, batch_size=batch_size, max_parse_len=max_parse_len,
+                                 use_lm=use_lm)
     raise ValueError(
         f"{folder} is not a model: expected a torch package (weights.pt + config.json), a deploy "
         "bundle (encoder.onnx + decoder.onnx + config.json) or an MLflow pyfunc model (MLmodel)"

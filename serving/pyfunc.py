@@ -50,7 +50,7 @@ __all__ = [
 
 INPUT_COLUMNS = ("id", "audio", "audio_base64")
 _REQUIREMENTS = ("mlflow", "onnxruntime", "numpy", "pandas", "torch", "torchaudio", "soundfile",
-                 "pydantic", "tqdm", "pyyaml")
+                 "pydantic", "tqdm", "pyyaml", "flashlight-text")
 
 
 def wav_base64(waveform: np.ndarray, sample_rate: int) -> str:

@@ -184,6 +184,15 @@ def train(
     )
 
 
+LMOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--lm/--no-lm",
+        help="Transcribe with the model's lexicon + word n-gram beam search (its lm/ folder) "
+        "instead of greedy CTC. Default: decode.lm.enabled in params.yaml.",
+    ),
+]
+
 ModelOpt = Annotated[
     str,
     typer.Option(
@@ -207,6 +216,7 @@ def evaluate(
         Path | None, typer.Option(help="Report folder (default: next to the model).")
     ] = None,
     track: Annotated[bool, typer.Option(help="Log the report to the model's MLflow run.")] = True,
+    lm: LMOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Score a model on a corpus split: WER/CER, intent accuracy, slot P/R/F1, SLU-F1,
@@ -220,7 +230,8 @@ def evaluate(
 
     _setup_logging(quiet)
     settings = load_settings(params, profile, workspace)
-    result = evaluate_model(settings, model, split, out, progress=not quiet, track=track)
+    result = evaluate_model(settings, model, split, out, progress=not quiet, track=track,
+                            use_lm=lm)
     o = result.report.overall
     typer.echo(
         f"{split} ({o.n} utterances): WER {o.wer:.1%}, intent accuracy {o.intent_accuracy:.1%}, "
@@ -244,6 +255,15 @@ def distill(
     track: Annotated[
         bool, typer.Option(help="Log to MLflow and register the deploy bundle (pyfunc).")
     ] = True,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(help="Warm start: a float student model folder (e.g. an earlier run's "
+                     "student/pre_qat_model) to continue from instead of random weights."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Run folder (default: WORKSPACE/models/PROFILE/student)."),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Distil the teacher into the small streaming student, with quantisation-aware
@@ -261,13 +281,51 @@ def distill(
 
     _setup_logging(quiet)
     settings = load_settings(params, profile, workspace)
-    outcome = run_distill_stage(settings, teacher, progress=not quiet, resume=resume, track=track)
+    outcome = run_distill_stage(settings, teacher, progress=not quiet, resume=resume, track=track,
+                                out_dir=out, init_from=init_from)
     r, c = outcome.result, outcome.comparison
     typer.echo(
         f"student '{settings.profile}': {r.parameters / 1e6:.2f} M parameters, {r.epochs_run} "
         f"epochs in {r.wall_s / 60:.1f} min ({r.stopped}); QAT from epoch {r.qat_start_epoch}\n"
         + c.to_markdown()
         + (f"registered as {outcome.registered}\n" if outcome.registered else "")
+    )
+
+
+@app.command("lm")
+def lm_command(
+    profile: ProfileOpt = None,
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", help="Torch model folder (default: the profile's teacher)."),
+    ] = None,
+    bundle: Annotated[
+        list[Path] | None,
+        typer.Option(help="Deploy bundle(s) made from that model that should carry the LM too "
+                     "(repeatable)."),
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build the transcript language model for a trained model and attach it.
+
+    Trains a word n-gram (`decode.lm`: order, discount) on the training transcripts,
+    writes `lm/` (lexicon, ARPA, decoder settings) into the model folder and the given
+    bundles, and picks the LM weight and word score by WER on validation utterances for
+    this model. Training runs this itself; use it for models trained before it existed,
+    or after the corpus grew.
+    """
+    from model.lm_stage import attach_lm
+
+    _setup_logging(quiet)
+    settings = load_settings(params, profile, workspace)
+    folder = model or settings.models_dir / "teacher" / "model"
+    r = attach_lm(settings, folder, progress=not quiet, bundles=bundle or ())
+    typer.echo(
+        f"LM attached to {folder}: lm_weight {r.config.lm_weight}, word_score "
+        f"{r.config.word_score}, beam {r.config.beam_size}; validation WER on {r.utterances} "
+        f"utterances {r.greedy_wer:.1%} greedy → {r.beam_wer:.1%} beam"
     )
 
 
@@ -281,6 +339,7 @@ def predict(
     params: ParamsOpt = None,
     workspace: WorkspaceOpt = None,
     batch_size: Annotated[int, typer.Option(help="Utterances per forward pass.")] = 16,
+    lm: LMOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Batch prediction: audio files → transcript, intent, slots, confidence.
@@ -295,7 +354,8 @@ def predict(
 
     _setup_logging(quiet)
     settings = load_settings(params, None, workspace)
-    summary = predict_manifest(settings, model, manifest, out, batch_size, progress=not quiet)
+    summary = predict_manifest(settings, model, manifest, out, batch_size, progress=not quiet,
+                               use_lm=lm)
     typer.echo(
         f"{summary.written} predictions ({summary.errors} with errors) → {out}"
     )

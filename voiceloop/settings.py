@@ -254,6 +254,22 @@ class TrainSettings(_Strict):
     loss: LossSettings = LossSettings()
 
 
+class LMSettings(_Strict):
+    """The transcript's lexicon + word n-gram beam search (``model.beam``). The n-gram
+    (``order``, absolute ``discount``) is trained on the training transcripts; the LM
+    weight and word score are chosen from the grids by WER on up to
+    ``tune_utterances`` validation utterances, per model (a weaker acoustic model wants
+    more LM)."""
+
+    enabled: bool = True
+    order: int = Field(3, ge=1, le=6)
+    discount: float = Field(0.7, gt=0, lt=1)
+    beam_size: int = Field(50, ge=1)
+    lm_weights: list[float] = [0.5, 1.0, 1.5, 2.0]
+    word_scores: list[float] = [-1.0, 0.0, 1.0, 2.0]
+    tune_utterances: int = Field(1000, ge=1)
+
+
 class DecodeSettings(_Strict):
     """Inference. The clarify threshold is the lowest intent confidence at which the
     accepted validation utterances still reach ``clarify_target_accuracy``."""
@@ -261,6 +277,7 @@ class DecodeSettings(_Strict):
     max_parse_len: int = Field(40, ge=4)
     clarify_target_accuracy: float = Field(0.98, gt=0, le=1)
     batch_size: int = Field(16, ge=1)
+    lm: LMSettings = LMSettings()
 
 
 class DistillSettings(_Strict):
