@@ -53,12 +53,14 @@ _SIL = "|"
 class BeamConfig:
     """Beam-search settings. ``lm_weight`` scales the LM's natural-log score,
     ``word_score`` is added per emitted word (> 0 counters the LM's bias to short
-    outputs); ``beam_size`` hypotheses survive each frame."""
+    outputs); ``beam_size`` hypotheses survive each frame. ``copy_values``: the parse
+    decoder may only use value words of this transcript (``model.decoding.value_mask``)."""
 
     beam_size: int = 50
     lm_weight: float = 1.0
     word_score: float = 0.0
     order: int = 3
+    copy_values: bool = True
 
 
 def has_lm(folder: Path) -> bool:
@@ -110,17 +112,21 @@ def write_config(folder: Path, config: BeamConfig) -> None:
 
 @contextmanager
 def _quiet_stdout() -> Iterator[None]:
-    """Silence file descriptor 1 (KenLM prints an ARPA-loading progress bar from C++,
-    which would interleave with JSON Lines or tables written to stdout)."""
+    """Silence file descriptors 1 and 2 (KenLM prints an ARPA-loading progress bar from
+    C++, which would interleave with JSON Lines or tables on stdout and with tqdm bars;
+    a failure still surfaces as a Python exception)."""
     sys.stdout.flush()
-    saved = os.dup(1)
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
     try:
         with open(os.devnull, "wb") as null:
             os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
             yield
     finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 class BeamTranscriber:

@@ -17,6 +17,7 @@ __all__ = [
     "ctc_greedy",
     "greedy_parse",
     "greedy_parse_steps",
+    "value_mask",
 ]
 
 
@@ -42,9 +43,30 @@ ParseStep = Callable[[Tensor], Tensor]
 """One decoder step: tokens ``(B, U)`` so far → logits ``(B, P)`` for the next token."""
 
 
+def value_mask(vocab: ParseVocab, transcripts: Sequence[str]) -> Tensor:
+    """``(B, P)`` bool: the parse tokens each utterance may emit when slot values must be
+    copied from its transcript: every special, intent and slot-type token, and only the
+    value words that occur in that transcript.
+
+    Slot values are spoken words of the command (the corpus guarantees it: every
+    reference value occurs verbatim in its transcript), so a value word the transcript
+    does not contain is a hallucination of the parse decoder.
+    """
+    index = vocab._index()
+    first_word = len(vocab) - len(vocab.words)
+    mask = torch.zeros(len(transcripts), len(vocab), dtype=torch.bool)
+    mask[:, :first_word] = True
+    for b, text in enumerate(transcripts):
+        ids = [index[w] for w in set(text.split()) if w in index and index[w] >= first_word]
+        if ids:
+            mask[b, ids] = True
+    return mask
+
+
 @torch.no_grad()
 def greedy_parse(
-    model: JointModel, enc: Tensor, enc_pad_mask: Tensor, max_len: int
+    model: JointModel, enc: Tensor, enc_pad_mask: Tensor, max_len: int,
+    allowed: Tensor | None = None,
 ) -> tuple[list[list[int]], Tensor]:
     """Decode parses token by token, taking the most likely token each step.
 
@@ -53,6 +75,8 @@ def greedy_parse(
         enc: ``(B, T', D)`` encoder output.
         enc_pad_mask: ``(B, T')`` True on padding.
         max_len: longest parse to emit (tokens after ``<bos>``).
+        allowed: optional ``(B, P)`` bool, the tokens each utterance may emit
+            (:func:`value_mask`).
 
     Returns:
         B token-id lists (without ``<bos>``, up to and excluding ``<eos>``) and the
@@ -63,17 +87,21 @@ def greedy_parse(
     def step(tokens: Tensor) -> Tensor:
         return model.parse_decoder(tokens, enc, enc_pad_mask)[:, -1]
 
-    return greedy_parse_steps(step, enc.size(0), limit)
+    return greedy_parse_steps(step, enc.size(0), limit, allowed)
 
 
 @torch.no_grad()
-def greedy_parse_steps(step: ParseStep, batch: int, limit: int) -> tuple[list[list[int]], Tensor]:
+def greedy_parse_steps(
+    step: ParseStep, batch: int, limit: int, allowed: Tensor | None = None,
+) -> tuple[list[list[int]], Tensor]:
     """The greedy loop of :func:`greedy_parse` over any decoder (torch, ONNX Runtime, …).
 
     Args:
         step: tokens ``(B, U)`` int64 (``<bos>`` first) → next-token logits ``(B, P)``.
         batch: B.
         limit: most tokens to emit after ``<bos>``.
+        allowed: optional ``(B, P)`` bool mask of permitted tokens (the others get
+            probability zero, the permitted ones are renormalised).
 
     Returns:
         As :func:`greedy_parse`.
@@ -83,7 +111,10 @@ def greedy_parse_steps(step: ParseStep, batch: int, limit: int) -> tuple[list[li
     logp_sum = torch.zeros(batch)
     steps = torch.zeros(batch)
     for _ in range(limit):
-        logp = torch.log_softmax(step(tokens).float(), dim=-1)
+        logits = step(tokens).float()
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        logp = torch.log_softmax(logits, dim=-1)
         best = logp.argmax(dim=-1)
         best = torch.where(finished, torch.full_like(best, ParseVocab.PAD), best)
         logp_sum += torch.where(finished, 0.0, logp.gather(1, best.clamp(min=0)[:, None])[:, 0])

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from model.audio import AudioError, load_audio, prepare_waveform
 from model.beam import BeamTranscriber
-from model.decoding import ctc_greedy, greedy_parse
+from model.decoding import ctc_greedy, greedy_parse, value_mask
 from model.features import FeatureConfig, FeatureExtractor
 from model.network import chunk_attention_mask
 from model.package import ModelPackage, load_package
@@ -57,18 +57,14 @@ class BatchOutput:
     """What a network gives for one padded batch of B utterances.
 
     Attributes:
-        ctc_ids: B greedy CTC unit-id lists.
+        transcripts: B transcripts (:meth:`BatchPredictor._transcribe`).
         intent_probs: ``(B, I)`` intent posteriors.
         parses: B parse token-id lists (no ``<bos>``/``<eos>``).
-        ctc_logits: ``(B, T', C)`` CTC logits and ``ctc_lengths`` ``(B,)`` valid slots,
-            for the LM beam search (``None`` when the predictor has no LM).
     """
 
-    ctc_ids: list[list[int]]
+    transcripts: list[str]
     intent_probs: Tensor
     parses: list[list[int]]
-    ctc_logits: Tensor | None = None
-    ctc_lengths: Tensor | None = None
 
 
 def decoded_to_prediction(
@@ -152,6 +148,20 @@ class BatchPredictor(ABC):
     def _decode_batch(self, feats: Tensor, lengths: Tensor) -> BatchOutput:
         """Padded features ``(B, T, F)`` float32 and lengths ``(B,)`` int64 → outputs."""
 
+    def _transcribe(self, ctc_logits: Tensor, ctc_lengths: Tensor) -> list[str]:
+        """``(B, T', C)`` CTC logits and ``(B,)`` lengths → B transcripts: the LM beam
+        search when the predictor has one, else greedy CTC."""
+        if self.transcriber is not None:
+            return self.transcriber.decode(ctc_logits, ctc_lengths)
+        return [self.ctc_vocab.decode(ids).strip() for ids in ctc_greedy(ctc_logits, ctc_lengths)]
+
+    def _allowed_tokens(self, transcripts: Sequence[str]) -> Tensor | None:
+        """The parse-token mask that makes slot values copies of transcript words
+        (``copy_values`` of the LM settings), or ``None`` for an unconstrained parse."""
+        if self.transcriber is None or not self.transcriber.config.copy_values:
+            return None
+        return value_mask(self.parse_vocab, transcripts)
+
     @torch.no_grad()
     def decode_features(self, feats: Sequence[Tensor]) -> list[Decoded]:
         """Decode a list of ``(T_i, F)`` feature arrays."""
@@ -163,15 +173,10 @@ class BatchPredictor(ABC):
             padded = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True)
             out = self._decode_batch(padded, lengths)
             conf, best = out.intent_probs.float().max(dim=-1)
-            texts = (
-                self.transcriber.decode(out.ctc_logits, out.ctc_lengths)
-                if self.transcriber is not None and out.ctc_logits is not None
-                else [self.ctc_vocab.decode(ids).strip() for ids in out.ctc_ids]
-            )
             for j, i in enumerate(idx):
                 parse_intent, slots = self.parse_vocab.decode(out.parses[j])
                 results[i] = Decoded(
-                    transcript=texts[j],
+                    transcript=out.transcripts[j],
                     intent=intents[int(best[j])],
                     confidence=float(conf[j]),
                     parse_intent=parse_intent,
@@ -269,12 +274,11 @@ class SLUPredictor(BatchPredictor):
             frames = int(self.model.encoder.subsampling.output_lengths(lengths).max())
             mask = chunk_attention_mask(frames, self.chunk)
         enc, enc_lengths, pad = self.model.encode(feats, lengths, mask)
-        parses, _ = greedy_parse(self.model, enc, pad, self.max_parse_len)
-        ctc_logits, ctc_lengths = self.model.ctc(enc, enc_lengths)
+        transcripts = self._transcribe(*self.model.ctc(enc, enc_lengths))
+        parses, _ = greedy_parse(self.model, enc, pad, self.max_parse_len,
+                                 self._allowed_tokens(transcripts))
         return BatchOutput(
-            ctc_ids=ctc_greedy(ctc_logits, ctc_lengths),
+            transcripts=transcripts,
             intent_probs=torch.softmax(self.model.intent_head(enc, pad).float(), dim=-1),
             parses=parses,
-            ctc_logits=ctc_logits if self.transcriber is not None else None,
-            ctc_lengths=ctc_lengths,
         )

@@ -12,7 +12,7 @@ import json
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import jiwer
@@ -30,7 +30,8 @@ from model.beam import (
 )
 from model.data.manifest import read_manifest
 from model.decoding import ctc_greedy
-from model.inference import length_sorted_batches
+from model.evaluation import evaluate
+from model.inference import SLUPredictor, length_sorted_batches
 from model.package import ModelPackage, load_package
 from model.tokens import CharVocab
 from model.train import load_split, random_subset
@@ -45,7 +46,8 @@ log = logging.getLogger(__name__)
 class LMResult:
     """The attached LM: its folder, the chosen config, and validation WER greedy vs beam
     (fractions) on ``utterances`` validation utterances; ``grid`` maps
-    ``"lm_weight/word_score"`` to validation WER."""
+    ``"lm_weight/word_score"`` to validation WER; ``semer`` maps ``copy_values`` on/off
+    to validation SemER (the setting with the lower one is kept)."""
 
     folder: Path
     config: BeamConfig
@@ -53,6 +55,7 @@ class LMResult:
     greedy_wer: float
     beam_wer: float
     grid: dict[str, float]
+    semer: dict[str, float]
 
 
 @torch.no_grad()
@@ -79,7 +82,8 @@ def attach_lm(
     settings: Settings, model_dir: Path, progress: bool = True, bundles: Sequence[Path] = (),
 ) -> LMResult:
     """Build the LM from the training transcripts into ``model_dir/lm``, tune its weights
-    on validation data for this model, and copy the folder into each of ``bundles``.
+    on validation data for this model (beam weights by WER, then ``copy_values`` by
+    SemER), and copy the folder into each of ``bundles``.
 
     Raises:
         FileNotFoundError: the corpus manifests or the model folder are missing.
@@ -107,9 +111,18 @@ def attach_lm(
     with tqdm(total=grid_size, desc="lm tuning", disable=not progress) as bar:
         config, grid = tune_beam(transcriber, emissions, refs, lm.lm_weights, lm.word_scores,
                                  on_trial=lambda: bar.update())
+    semer: dict[str, float] = {}
+    package.lm_dir = folder
+    for copy in (True, False):
+        write_config(model_dir, replace(config, copy_values=copy))
+        predictor = SLUPredictor(package, settings.decode.batch_size,
+                                 settings.decode.max_parse_len)
+        preds = predictor.predict_features([r.id for r in rows], feats)
+        semer[str(copy).lower()] = evaluate(rows, preds).overall.semer
+    config = replace(config, copy_values=semer["true"] <= semer["false"])
     write_config(model_dir, config)
     result = LMResult(folder, config, len(rows), float(jiwer.wer(refs, greedy)),
-                      grid[f"{config.lm_weight}/{config.word_score}"], grid)
+                      grid[f"{config.lm_weight}/{config.word_score}"], grid, semer)
     (folder / "tuning.json").write_text(json.dumps(
         {**asdict(result), "folder": str(folder), "config": asdict(config)}, indent=2),
         encoding="utf-8")
@@ -118,7 +131,8 @@ def attach_lm(
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(folder, dst)
-    log.info("LM attached to %s: lm_weight %.2f word_score %.2f; validation WER %.1f%% greedy "
-             "→ %.1f%% beam", model_dir, config.lm_weight, config.word_score,
-             100 * result.greedy_wer, 100 * result.beam_wer)
+    log.info("LM attached to %s: lm_weight %.2f word_score %.2f copy_values %s; validation "
+             "WER %.1f%% greedy → %.1f%% beam; SemER %s", model_dir, config.lm_weight,
+             config.word_score, config.copy_values, 100 * result.greedy_wer,
+             100 * result.beam_wer, semer)
     return result

@@ -263,7 +263,8 @@ def attach_lm_metrics(settings: Settings, model_dir: Path, progress: bool) -> di
 
     lm = attach_lm(settings, model_dir, progress)
     return {"lm_valid_wer_greedy": lm.greedy_wer, "lm_valid_wer_beam": lm.beam_wer,
-            "lm_weight": lm.config.lm_weight, "lm_word_score": lm.config.word_score}
+            "lm_weight": lm.config.lm_weight, "lm_word_score": lm.config.word_score,
+            "lm_copy_values": float(lm.config.copy_values)}
 
 
 def predict_dataset(

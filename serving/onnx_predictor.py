@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from model.beam import has_lm
-from model.decoding import ctc_greedy, greedy_parse_steps
+from model.decoding import greedy_parse_steps
 from model.export import (
     BundleConfig,
     DeployBundle,
@@ -91,14 +91,14 @@ class OnnxSLUPredictor(BatchPredictor):
                 "tokens": tokens.numpy(), "encoder": encoder, "encoder_lengths": enc_lengths})
             return torch.from_numpy(logits)
 
-        parses, _ = greedy_parse_steps(step, feats.size(0), limit)
-        logits, ctc_lengths = torch.from_numpy(ctc_logits), torch.from_numpy(enc_lengths) * k
+        transcripts = self._transcribe(
+            torch.from_numpy(ctc_logits), torch.from_numpy(enc_lengths) * k)
+        parses, _ = greedy_parse_steps(step, feats.size(0), limit,
+                                       self._allowed_tokens(transcripts))
         return BatchOutput(
-            ctc_ids=ctc_greedy(logits, ctc_lengths),
+            transcripts=transcripts,
             intent_probs=torch.softmax(torch.from_numpy(intent_logits).float(), dim=-1),
             parses=parses,
-            ctc_logits=logits if self.transcriber is not None else None,
-            ctc_lengths=ctc_lengths,
         )
 
 

@@ -324,8 +324,10 @@ def lm_command(
     r = attach_lm(settings, folder, progress=not quiet, bundles=bundle or ())
     typer.echo(
         f"LM attached to {folder}: lm_weight {r.config.lm_weight}, word_score "
-        f"{r.config.word_score}, beam {r.config.beam_size}; validation WER on {r.utterances} "
-        f"utterances {r.greedy_wer:.1%} greedy → {r.beam_wer:.1%} beam"
+        f"{r.config.word_score}, beam {r.config.beam_size}, copy_values "
+        f"{r.config.copy_values}; validation WER on {r.utterances} utterances "
+        f"{r.greedy_wer:.1%} greedy → {r.beam_wer:.1%} beam; SemER with/without copying "
+        f"values {r.semer['true']:.1%} / {r.semer['false']:.1%}"
     )
 
 

@@ -18,6 +18,7 @@ import soundfile as sf
 import torch
 from mlflow.tracking import MlflowClient
 
+from model.beam import has_lm
 from model.data.corpus import build_corpus
 from model.distill import DistillOutcome, StudentLayout, run_distill_stage, train_student
 from model.package import load_package
@@ -66,6 +67,8 @@ def test_student_training_runs_qat_and_writes_its_files(
     fp32_bytes = (layout.deploy_fp32_dir / "encoder.onnx").stat().st_size
     # (the tiny model is dominated by its fp32 conv front end; full-size ratios: benchmark)
     assert (layout.deploy_dir / "encoder.onnx").stat().st_size < 0.75 * fp32_bytes
+    # the student's own tuned LM travels with the package and both bundles
+    assert all(has_lm(d) for d in (layout.model_dir, layout.deploy_dir, layout.deploy_fp32_dir))
 
 
 def test_comparison_and_registration(distilled: tuple[Settings, DistillOutcome]) -> None:

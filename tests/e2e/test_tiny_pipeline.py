@@ -15,11 +15,13 @@ import soundfile as sf
 import torch
 from mlflow.tracking import MlflowClient
 
+from model.beam import has_lm
 from model.data.corpus import CorpusLayout, build_corpus
 from model.evaluate import evaluate_model
+from model.inference import SLUPredictor
 from model.package import load_package
 from model.predict import predict_manifest
-from model.train import TeacherLayout, train_teacher
+from model.train import TeacherLayout, load_split, train_teacher
 from voiceloop.settings import Settings, load_settings
 
 pytestmark = pytest.mark.e2e
@@ -58,6 +60,26 @@ def test_training_writes_package_metrics_and_mlflow_run(trained: tuple[Settings,
     version = client.get_model_version_by_alias(f"{settings.tracking.registered_model}-teacher",
                                                 "current")
     assert version.run_id == run.info.run_id
+
+
+def test_training_attaches_a_tuned_transcript_lm(trained: tuple[Settings, Path]) -> None:
+    settings, model_dir = trained
+    assert has_lm(model_dir)
+    tuning = json.loads((model_dir / "lm" / "tuning.json").read_text())
+    lm = settings.decode.lm
+    assert len(tuning["grid"]) == len(lm.lm_weights) * len(lm.word_scores)
+    assert tuning["beam_wer"] == min(tuning["grid"].values())
+    assert set(tuning["semer"]) == {"true", "false"}
+    package = load_package(model_dir)
+    assert package.lm_dir == model_dir / "lm"
+    # Every word of a beam transcript is a lexicon word (greedy CTC spells freely).
+    lexicon_file = model_dir / "lm" / "lexicon.txt"
+    lexicon = {line.split("\t")[0] for line in lexicon_file.read_text().splitlines()}
+    rows, feats = load_split(settings, "valid", False, package.features)
+    beam = SLUPredictor(package).predict_features([r.id for r in rows], feats)
+    greedy = SLUPredictor(package, use_lm=False).predict_features([r.id for r in rows], feats)
+    assert all(set(p.transcript.split()) <= lexicon for p in beam)
+    assert [p.intent for p in beam] == [p.intent for p in greedy]  # the LM only touches text
 
 
 def test_resume_continues_from_checkpoint(trained: tuple[Settings, Path]) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from model.data.manifest import Slot
 from model.dataset import make_batches
-from model.decoding import choose_clarify_threshold, ctc_greedy
+from model.decoding import choose_clarify_threshold, ctc_greedy, greedy_parse_steps, value_mask
 from model.tokens import CharVocab, ParseVocab, WordVocab, ctc_vocab_from_json, format_parse
 
 
@@ -81,3 +81,30 @@ def test_make_batches_bounds_padding_and_covers_everything() -> None:
     order = make_batches(lengths, 2000, order=lengths.astype(float))
     firsts = [max(lengths[b]) for b in order]
     assert firsts == sorted(firsts)  # curriculum: shortest batches first
+
+
+def test_value_mask_allows_structure_and_transcript_words_only() -> None:
+    vocab = ParseVocab.build(["HassTurnOn"], ["area", "name"], ["kitchen light", "garage door"])
+    mask = value_mask(vocab, ["turn on the kitchen light", ""])
+    index = {t: i for i, t in enumerate(vocab.tokens)}
+    for token in ("<eos>", "[HassTurnOn]", "[area]", "[name]", "kitchen", "light"):
+        assert mask[0, index[token]]
+    assert not mask[0, index["garage"]] and not mask[1, index["kitchen"]]
+    assert mask[1, index["[area]"]]
+
+
+def test_greedy_parse_never_emits_a_masked_token() -> None:
+    # The decoder prefers token 5, then <eos>; masking 5 forces the runner-up 6.
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((tokens.size(0), 8), -5.0)
+        if tokens.size(1) == 1:
+            logits[:, 5], logits[:, 6] = 3.0, 2.0
+        else:
+            logits[:, ParseVocab.EOS] = 3.0
+        return logits
+
+    free, _ = greedy_parse_steps(step, 2, 4)
+    allowed = torch.ones(2, 8, dtype=torch.bool)
+    allowed[1, 5] = False
+    masked, _ = greedy_parse_steps(step, 2, 4, allowed)
+    assert free == [[5], [5]] and masked == [[5], [6]]
