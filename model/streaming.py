@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.decoding import greedy_parse
+from model.beam import BeamTranscriber
+from model.decoding import greedy_parse, value_mask
 from model.features import FeatureExtractor
 from model.inference import Decoded
 from model.network import JointModel, chunk_attention_mask, sinusoids
@@ -190,6 +191,7 @@ class StreamingSession:
         self.features = StreamingFeatures(recognizer.extractor)
         self.encoder = StreamingEncoder(recognizer.model, recognizer.chunk, recognizer.left_chunks)
         self._encoded: list[Tensor] = []
+        self._logits: list[Tensor] = []  # (c·k, C) CTC logits per chunk, for the final beam
         self._ids: list[int] = []
         self._previous: int | None = None
 
@@ -219,10 +221,17 @@ class StreamingSession:
         pad = torch.zeros(1, enc.size(1), dtype=torch.bool)
         probs = torch.softmax(model.intent_head(enc, pad).float(), dim=-1)[0]
         conf, best = probs.max(dim=-1)
-        parses, _ = greedy_parse(model, enc, pad, self.r.max_parse_len)
+        transcript, allowed = self.partial().transcript, None
+        if self.r.transcriber is not None:
+            # End of speech: the lexicon + LM beam replaces the greedy partial.
+            logits = torch.cat(self._logits)[None]
+            transcript = self.r.transcriber.decode(logits, torch.tensor([logits.size(1)]))[0]
+            if self.r.transcriber.config.copy_values:
+                allowed = value_mask(self.r.package.parse_vocab, [transcript])
+        parses, _ = greedy_parse(model, enc, pad, self.r.max_parse_len, allowed)
         parse_intent, slots = self.r.package.parse_vocab.decode(parses[0])
         return Decoded(
-            transcript=self.partial().transcript,
+            transcript=transcript,
             intent=self.r.package.parse_vocab.intents[int(best)],
             confidence=float(conf),
             parse_intent=parse_intent,
@@ -235,6 +244,7 @@ class StreamingSession:
         self._encoded.append(frames)
         model = self.r.model
         logits, _ = model.ctc(frames[None], torch.tensor([frames.size(0)]))
+        self._logits.append(logits[0])
         # Greedy CTC across chunk boundaries: repeats merge with the previous chunk's end.
         for token in logits[0].argmax(-1).tolist():
             if token != self._previous and token != 0:
@@ -250,13 +260,18 @@ class StreamingRecognizer:
         chunk: encoder frames per chunk.
         left_chunks: attention left context in chunks (None = whole utterance).
         max_parse_len: parse tokens to decode at most.
+        use_lm: the final transcript from the package's LM beam search, when it has one
+            (partials stay greedy).
     """
 
     def __init__(
         self, package: ModelPackage, chunk: int, left_chunks: int | None = None,
-        max_parse_len: int = 40,
+        max_parse_len: int = 40, use_lm: bool = True,
     ) -> None:
         self.package = package
+        self.transcriber = (
+            BeamTranscriber(package.lm_dir.parent, package.ctc_vocab)
+            if use_lm and package.lm_dir is not None else None)
         self.model = package.model.eval()
         self.extractor = FeatureExtractor(package.features)
         StreamingFeatures(self.extractor)  # validates the feature normalisation early

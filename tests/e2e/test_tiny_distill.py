@@ -18,9 +18,13 @@ import soundfile as sf
 import torch
 from mlflow.tracking import MlflowClient
 
+from model.audio import load_audio
 from model.beam import has_lm
-from model.data.corpus import build_corpus
+from model.data.corpus import CorpusLayout, build_corpus
+from model.data.manifest import read_manifest
 from model.distill import DistillOutcome, StudentLayout, run_distill_stage, train_student
+from model.features import FeatureExtractor
+from model.inference import SLUPredictor
 from model.package import load_package
 from model.predict import predict_manifest
 from model.streaming import StreamingRecognizer
@@ -120,6 +124,26 @@ def test_student_streams(distilled: tuple[Settings, DistillOutcome]) -> None:
         session.accept_audio(piece)
     final = session.finish()
     assert final.intent in package.parse_vocab.intents
+
+
+def test_streaming_final_result_uses_the_lm_like_the_batch_pass(
+    distilled: tuple[Settings, DistillOutcome],
+) -> None:
+    settings, outcome = distilled
+    package = load_package(outcome.result.model_dir)
+    assert package.lm_dir is not None
+    layout = CorpusLayout(settings.corpus_dir)
+    rows = read_manifest(layout.manifest("valid"))
+    extractor = FeatureExtractor(package.features)
+    for row in rows[:3]:
+        wave = load_audio(row.audio_path(layout.manifests_dir), package.features.sample_rate)
+        offline = SLUPredictor(package, chunk=2).decode_features([extractor(wave)])[0]
+        session = StreamingRecognizer(package, chunk=2).session()
+        for piece in np.array_split(wave, 6):
+            session.accept_audio(piece)
+        live = session.finish()
+        assert (live.transcript, live.parse_intent, live.slots) == (
+            offline.transcript, offline.parse_intent, offline.slots)
 
 
 def test_student_resumes_in_the_qat_phase(distilled: tuple[Settings, DistillOutcome]) -> None:
