@@ -7,11 +7,16 @@ Everything is measured in ONE run on ONE machine, latency on ONE thread:
   quantisation (ONNX Runtime, PTQ), the deployed student (QAT, int8 ONNX bundle), and the
   streaming student at each chunk size of ``student.streaming.eval_chunks`` (the
   chunk-masked full pass, which the unit tests prove equal to chunk-by-chunk streaming).
-- **Latency** per 3-s utterance, end to end from the waveform (features, encoder, CTC
-  greedy, intent, greedy parse): p50/p95 and real-time factor; **size** of the weight
-  files on disk.
+- **Latency** per 3-s utterance, end to end from the waveform (features, encoder,
+  transcript, intent, greedy parse): p50/p95 and real-time factor; **size** of the
+  network weight files on disk (the LM folder, the same for both, is reported apart).
 - **Streaming**: audio fed in chunk-sized pieces in real time order; per chunk a partial
   transcript; p50/p95 of the time from the last piece to the final result.
+
+Every figure is given for both transcript decoders when the models carry an ``lm/``
+folder: ``greedy`` (CTC best path: the networks alone) and ``lm`` (lexicon + word
+3-gram beam search, with slot values copied from the transcript when the model's
+validation tuning chose it; the product default).
 
     uv run python benchmarks/student_benchmark.py --profile full
 
@@ -77,8 +82,8 @@ def _accuracy(rows, predictor, feats) -> dict:
     return {m: round(float(getattr(o, m)), 4) for m in METRICS}
 
 
-def _streaming(package, clips: list[np.ndarray], chunk: int) -> dict:
-    recognizer = StreamingRecognizer(package, chunk=chunk)
+def _streaming(package, clips: list[np.ndarray], chunk: int, use_lm: bool) -> dict:
+    recognizer = StreamingRecognizer(package, chunk=chunk, use_lm=use_lm)
     rate = package.features.sample_rate
     piece = int(rate * recognizer.chunk_ms / 1000)
     finals, partials = [], []
@@ -109,6 +114,8 @@ def main() -> None:
     parser.add_argument("--student", type=Path, help="default: models/PROFILE/student")
     parser.add_argument("--test-utterances", type=int, default=0, help="0 = whole test split")
     parser.add_argument("--latency-utterances", type=int, default=100)
+    parser.add_argument("--accuracy-threads", type=int, default=2,
+                        help="threads for the accuracy passes (1 when the machine is shared)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/student.json"))
     args = parser.parse_args()
     settings = load_settings(profile=args.profile)
@@ -119,39 +126,46 @@ def main() -> None:
     teacher = load_package(teacher_dir)
     student = load_package(student_root / "model")
     pre_qat = load_package(student_root / "pre_qat_model")
+    # The pre-QAT student borrows the deployed student's LM (same lexicon and n-gram;
+    # weights tuned on the final student), so PTQ vs QAT compares the networks only.
+    pre_qat.lm_dir = student.lm_dir
     work = Path(tempfile.mkdtemp(prefix="student-bench-"))
     export_onnx(pre_qat, work / "ptq_fp32")
     quantize_bundle(work / "ptq_fp32", work / "ptq_int8")
+    decoders = [d for d in ("greedy", "lm") if d == "greedy" or (
+        teacher.lm_dir is not None and student.lm_dir is not None)]
 
     variants: dict[str, dict] = {
-        "teacher fp32 (torch)": {"make": lambda t: SLUPredictor(teacher, batch_size=t,
-                                                               max_parse_len=max_len),
+        "teacher fp32 (torch)": {"make": lambda t, lm: SLUPredictor(
+                                     teacher, batch_size=t, max_parse_len=max_len, use_lm=lm),
                                  "features": teacher.features, "weights": teacher_dir},
-        "student fp32 pre-QAT (torch)": {"make": lambda t: SLUPredictor(pre_qat, batch_size=t,
-                                                                       max_parse_len=max_len),
+        "student fp32 pre-QAT (torch)": {"make": lambda t, lm: SLUPredictor(
+                                             pre_qat, batch_size=t, max_parse_len=max_len,
+                                             use_lm=lm),
                                          "features": pre_qat.features,
                                          "weights": student_root / "pre_qat_model"},
-        "student PTQ int8 (ORT)": {"make": lambda t: OnnxSLUPredictor(
+        "student PTQ int8 (ORT)": {"make": lambda t, lm: OnnxSLUPredictor(
                                        work / "ptq_int8", threads=1, batch_size=t,
-                                       max_parse_len=max_len),
+                                       max_parse_len=max_len, use_lm=lm),
                                    "features": pre_qat.features, "weights": work / "ptq_int8"},
-        "student QAT int8 (ORT, deployed)": {"make": lambda t: OnnxSLUPredictor(
+        "student QAT int8 (ORT, deployed)": {"make": lambda t, lm: OnnxSLUPredictor(
                                                  student_root / "deploy", threads=1,
-                                                 batch_size=t, max_parse_len=max_len),
+                                                 batch_size=t, max_parse_len=max_len, use_lm=lm),
                                              "features": student.features,
                                              "weights": student_root / "deploy"},
     }
 
     # Accuracy (2 threads: it is throughput work, not the latency measurement).
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.accuracy_threads)
     rows_all = read_manifest(CorpusLayout(settings.corpus_dir).manifest("test"))
     keep = (sorted(np.random.default_rng(0).choice(len(rows_all), args.test_utterances,
                                                    replace=False))
             if args.test_utterances and args.test_utterances < len(rows_all) else None)
     cache: dict[str, tuple] = {}
     result: dict = {"benchmark": "student", "profile": args.profile,
-                    "machine": {"platform": platform.platform()}, "variants": {},
-                    "streaming_accuracy": {}, "streaming_latency": []}
+                    "machine": {"platform": platform.platform()}, "decoders": decoders,
+                    "teacher": str(teacher_dir), "student": str(student_root),
+                    "variants": {}, "streaming_accuracy": {}, "streaming_latency": {}}
     for name, v in variants.items():
         key = repr(v["features"])
         if key not in cache:
@@ -160,70 +174,86 @@ def main() -> None:
                 rows, feats = [rows[i] for i in keep], [feats[i] for i in keep]
             cache[key] = (rows, feats)
         rows, feats = cache[key]
-        start = time.perf_counter()
-        v["accuracy"] = _accuracy(rows, v["make"](batch), feats)
-        print(f"{name}: {v['accuracy']} ({time.perf_counter() - start:.0f} s)", flush=True)
+        v["accuracy"] = {}
+        for decoder in decoders:
+            start = time.perf_counter()
+            v["accuracy"][decoder] = _accuracy(rows, v["make"](batch, decoder == "lm"), feats)
+            print(f"{name} [{decoder}]: {v['accuracy'][decoder]} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
     rows, feats = cache[repr(student.features)]
-    for chunk in settings.student.streaming.eval_chunks:
-        predictor = SLUPredictor(student, batch_size=batch, max_parse_len=max_len,
-                                 chunk=chunk or None)
-        result["streaming_accuracy"][str(chunk)] = {
-            "chunk_ms": chunk * student.model.cfg.encoder.subsampling
-            * student.features.hop_ms if chunk else None,
-            **_accuracy(rows, predictor, feats)}
-        print(f"streaming chunk {chunk or 'full'}: {result['streaming_accuracy'][str(chunk)]}",
-              flush=True)
+    for decoder in decoders:
+        result["streaming_accuracy"][decoder] = {}
+        for chunk in settings.student.streaming.eval_chunks:
+            predictor = SLUPredictor(student, batch_size=batch, max_parse_len=max_len,
+                                     chunk=chunk or None, use_lm=decoder == "lm")
+            result["streaming_accuracy"][decoder][str(chunk)] = {
+                "chunk_ms": chunk * student.model.cfg.encoder.subsampling
+                * student.features.hop_ms if chunk else None,
+                **_accuracy(rows, predictor, feats)}
+            print(f"streaming [{decoder}] chunk {chunk or 'full'}: "
+                  f"{result['streaming_accuracy'][decoder][str(chunk)]}", flush=True)
 
     # Latency: one thread, one 3-s utterance at a time, from the waveform.
     torch.set_num_threads(1)
     rate = teacher.features.sample_rate
     clips = _clips(settings, args.latency_utterances, rate)
     for name, v in variants.items():
-        predictor = v["make"](1)
-        v["latency"] = _latency(lambda c, p=predictor: p.predict_waveforms(["x"], [c], [rate]),
-                                clips)
-        v["bytes"] = folder_bytes(Path(v["weights"]))
-        print(f"{name}: {v['latency']}, {v['bytes']:,} bytes", flush=True)
-    for chunk in (2, 1, 4):
-        result["streaming_latency"].append(_streaming(student, clips[:50], chunk))
-        print(f"streaming: {result['streaming_latency'][-1]}", flush=True)
+        v["latency"] = {}
+        for decoder in decoders:
+            predictor = v["make"](1, decoder == "lm")
+            v["latency"][decoder] = _latency(
+                lambda c, p=predictor: p.predict_waveforms(["x"], [c], [rate]), clips)
+            print(f"{name} [{decoder}]: {v['latency'][decoder]}", flush=True)
+        v["bytes"] = folder_bytes(Path(v["weights"]))  # network weights (.pt/.onnx) only
+    for decoder in decoders:
+        result["streaming_latency"][decoder] = [
+            _streaming(student, clips[:50], chunk, decoder == "lm") for chunk in (2, 1, 4)]
+        print(f"streaming [{decoder}]: {result['streaming_latency'][decoder]}", flush=True)
 
+    # The LM folder ships with both models (same lexicon and n-gram): reported apart.
+    result["lm_bytes"] = folder_bytes(student.lm_dir, (".arpa", ".txt", ".json")) if (
+        student.lm_dir) else 0
     teacher_v = variants["teacher fp32 (torch)"]
     for name, v in variants.items():
         result["variants"][name] = {
             "accuracy": v["accuracy"], "latency": v["latency"], "bytes": v["bytes"],
-            "speedup_vs_teacher_p50": round(teacher_v["latency"]["p50_ms"]
-                                            / v["latency"]["p50_ms"], 2),
+            "speedup_vs_teacher_p50": {d: round(teacher_v["latency"][d]["p50_ms"]
+                                                / v["latency"][d]["p50_ms"], 2)
+                                       for d in decoders},
             "size_ratio_vs_teacher": round(teacher_v["bytes"] / v["bytes"], 2),
         }
     deployed = result["variants"]["student QAT int8 (ORT, deployed)"]
-    t_acc = teacher_v["accuracy"]
-    result["acceptance"] = {
-        "speedup_p50 >= 4": deployed["speedup_vs_teacher_p50"],
-        "size_ratio >= 4": deployed["size_ratio_vs_teacher"],
-        "intent_drop_points <= 1.0": round(100 * (t_acc["intent_accuracy"]
-                                                  - deployed["accuracy"]["intent_accuracy"]), 2),
-        "slot_f1_drop_points <= 1.5": round(100 * (t_acc["slot_f1"]
-                                                   - deployed["accuracy"]["slot_f1"]), 2),
-        "wer_relative_increase <= 0.15": round((deployed["accuracy"]["wer"] - t_acc["wer"])
-                                               / t_acc["wer"], 3),
-        "rtf_p50 <= 0.01": deployed["latency"]["rtf_p50"],
-        "streaming_final_p95_ms <= 50": result["streaming_latency"][0][
-            "final_after_last_chunk_p95_ms"],
-    }
+    result["acceptance"] = {}
+    for d in decoders:
+        t_acc, s_acc = teacher_v["accuracy"][d], deployed["accuracy"][d]
+        result["acceptance"][d] = {
+            "speedup_p50 >= 4": deployed["speedup_vs_teacher_p50"][d],
+            "size_ratio >= 4": deployed["size_ratio_vs_teacher"],
+            "intent_drop_points <= 1.0": round(100 * (t_acc["intent_accuracy"]
+                                                      - s_acc["intent_accuracy"]), 2),
+            "slot_f1_drop_points <= 1.5": round(100 * (t_acc["slot_f1"] - s_acc["slot_f1"]), 2),
+            "wer_relative_increase <= 0.15": round((s_acc["wer"] - t_acc["wer"])
+                                                   / t_acc["wer"], 3),
+            "rtf_p50 <= 0.01": deployed["latency"][d]["rtf_p50"],
+            "streaming_final_p95_ms <= 50": result["streaming_latency"][d][0][
+                "final_after_last_chunk_p95_ms"],
+        }
 
-    print(f"\n{'variant':36}{'intent':>8}{'slotF1':>8}{'WER':>8}{'SemER':>8}"
-          f"{'p50 ms':>8}{'p95 ms':>8}{'RTF':>8}{'MB':>7}{'×speed':>7}{'×size':>7}")
-    for name, v in result["variants"].items():
-        a, lat = v["accuracy"], v["latency"]
-        print(f"{name:36}{a['intent_accuracy']:>8.3f}{a['slot_f1']:>8.3f}{a['wer']:>8.3f}"
-              f"{a['semer']:>8.3f}{lat['p50_ms']:>8.2f}{lat['p95_ms']:>8.2f}{lat['rtf_p50']:>8.4f}"
-              f"{v['bytes'] / 1e6:>7.2f}{v['speedup_vs_teacher_p50']:>7.1f}"
-              f"{v['size_ratio_vs_teacher']:>7.1f}")
-    print(f"\n{'streaming chunk':18}{'ms':>6}{'intent':>8}{'slotF1':>8}{'WER':>8}{'SemER':>8}")
-    for chunk, a in result["streaming_accuracy"].items():
-        print(f"{chunk if chunk != '0' else 'full':18}{a['chunk_ms'] or 0:>6.0f}"
-              f"{a['intent_accuracy']:>8.3f}{a['slot_f1']:>8.3f}{a['wer']:>8.3f}{a['semer']:>8.3f}")
+    for d in decoders:
+        print(f"\n[{d}] {'variant':36}{'intent':>8}{'slotF1':>8}{'WER':>8}{'SemER':>8}"
+              f"{'p50 ms':>8}{'p95 ms':>8}{'RTF':>8}{'MB':>7}{'×speed':>7}{'×size':>7}")
+        for name, v in result["variants"].items():
+            a, lat = v["accuracy"][d], v["latency"][d]
+            print(f"{'':{len(d) + 3}}{name:36}{a['intent_accuracy']:>8.3f}{a['slot_f1']:>8.3f}"
+                  f"{a['wer']:>8.3f}{a['semer']:>8.3f}{lat['p50_ms']:>8.2f}{lat['p95_ms']:>8.2f}"
+                  f"{lat['rtf_p50']:>8.4f}{v['bytes'] / 1e6:>7.2f}"
+                  f"{v['speedup_vs_teacher_p50'][d]:>7.1f}{v['size_ratio_vs_teacher']:>7.1f}")
+        print(f"\n[{d}] {'streaming chunk':18}{'ms':>6}{'intent':>8}{'slotF1':>8}{'WER':>8}"
+              f"{'SemER':>8}")
+        for chunk, a in result["streaming_accuracy"][d].items():
+            print(f"{'':{len(d) + 3}}{chunk if chunk != '0' else 'full':18}{a['chunk_ms'] or 0:>6.0f}"
+                  f"{a['intent_accuracy']:>8.3f}{a['slot_f1']:>8.3f}{a['wer']:>8.3f}"
+                  f"{a['semer']:>8.3f}")
     print("\nacceptance:", json.dumps(result["acceptance"], indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -97,7 +97,8 @@ def attach_lm(
     train_text = [r.transcript for r in read_manifest(manifests / "train.jsonl")]
     folder = build_lm_folder(
         train_text, model_dir / LM_DIRNAME,
-        BeamConfig(beam_size=lm.beam_size, order=lm.order), lm.discount)
+        BeamConfig(beam_size=lm.beam_size, beam_threshold=lm.beam_threshold,
+                   beam_size_token=lm.beam_size_token, order=lm.order), lm.discount)
     rows, feats = load_split(settings, "valid", progress, package.features)
     rows, feats = random_subset(rows, feats, lm.tune_utterances, settings.seed)
     emissions = ctc_emissions(package, feats, settings.decode.batch_size)

@@ -265,6 +265,8 @@ class LMSettings(_Strict):
     order: int = Field(3, ge=1, le=6)
     discount: float = Field(0.7, gt=0, lt=1)
     beam_size: int = Field(50, ge=1)
+    beam_threshold: float = Field(12.0, gt=0)
+    beam_size_token: int | None = Field(8, ge=1)
     lm_weights: list[float] = [0.5, 1.0, 1.5, 2.0]
     word_scores: list[float] = [-1.0, 0.0, 1.0, 2.0]
     tune_utterances: int = Field(1000, ge=1)
