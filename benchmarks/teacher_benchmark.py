@@ -6,7 +6,8 @@ with ``train.threads`` threads, and reports utterances/s and audio-seconds/s.
 
 Inference latency: decodes 3-second utterances (real test-split audio cut or padded to
 3.0 s) one at a time on ONE thread, end to end from waveform (features, encoder, CTC
-greedy, intent, greedy parse), and reports p50/p95 latency and the real-time factor
+greedy or the lexicon + LM beam search when the model has ``lm/``, intent, greedy
+parse), and reports p50/p95 latency and the real-time factor
 (latency / 3 s). Uses the trained model given by ``--model`` (the parse decoder stops at
 ``<eos>``, so an untrained model would be unrealistically slow).
 
@@ -88,10 +89,10 @@ def _train_throughput(settings, steps: int) -> dict:
     }
 
 
-def _latency(settings, model_dir: Path, n: int) -> dict:
+def _latency(settings, model_dir: Path, n: int, use_lm: bool) -> dict:
     torch.set_num_threads(1)
     predictor = SLUPredictor.load(model_dir, batch_size=1,
-                                  max_parse_len=settings.decode.max_parse_len)
+                                  max_parse_len=settings.decode.max_parse_len, use_lm=use_lm)
     layout = CorpusLayout(settings.corpus_dir)
     rows = read_manifest(layout.manifest("test"))[:n]
     rate = predictor.package.features.sample_rate
@@ -109,6 +110,7 @@ def _latency(settings, model_dir: Path, n: int) -> dict:
     ms = np.array(times) * 1000
     return {
         "threads": 1, "utterances": len(clips), "audio_s": 3.0,
+        "decoder": "lm" if predictor.transcriber is not None else "greedy",
         "p50_ms": round(float(np.percentile(ms, 50)), 2),
         "p95_ms": round(float(np.percentile(ms, 95)), 2),
         "mean_ms": round(float(ms.mean()), 2),
@@ -136,12 +138,14 @@ def main() -> None:
           f"{t['threads']} threads, bf16={t['bf16']}): {t['utt_per_s']} utterances/s, "
           f"{t['audio_s_per_s']} audio-s/s")
     if args.model:
-        result["latency"] = _latency(settings, args.model, args.latency_utterances)
-        lat = result["latency"]
-        print(f"\nInference, 1 thread, 3-s utterances (n={lat['utterances']})")
-        print(f"{'p50 ms':>10}{'p95 ms':>10}{'mean ms':>10}{'RTF p50':>10}")
-        print(f"{lat['p50_ms']:>10.1f}{lat['p95_ms']:>10.1f}{lat['mean_ms']:>10.1f}"
-              f"{lat['rtf_p50']:>10.4f}")
+        # Greedy CTC (the network alone) and, when the model carries lm/, the beam search.
+        result["latency"] = _latency(settings, args.model, args.latency_utterances, False)
+        result["latency_lm"] = _latency(settings, args.model, args.latency_utterances, True)
+        print(f"\nInference, 1 thread, 3-s utterances (n={result['latency']['utterances']})")
+        print(f"{'decoder':>10}{'p50 ms':>10}{'p95 ms':>10}{'mean ms':>10}{'RTF p50':>10}")
+        for lat in (result["latency"], result["latency_lm"]):
+            print(f"{lat['decoder']:>10}{lat['p50_ms']:>10.1f}{lat['p95_ms']:>10.1f}"
+                  f"{lat['mean_ms']:>10.1f}{lat['rtf_p50']:>10.4f}")
     else:
         print("\n(no --model given: latency skipped)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
