@@ -1,6 +1,7 @@
 """Pure pieces of the distillation loop."""
 
 import numpy as np
+import pytest
 import torch
 
 from model.distill import _chunk_mask, _parse_tensors, ctc_frame_ms
@@ -84,3 +85,24 @@ def test_cached_teacher_targets_pad_into_batches() -> None:
     assert p_in.tolist() == [[1, 9, ParseVocab.PAD], [1, 7, 8]]
     assert p_out.tolist() == [[9, 2, ParseVocab.PAD], [7, 8, 2]]
     assert parse.shape == (2, 3, 11) and enc is None and enc_len is None
+
+
+def test_warm_start_copies_weights_and_refuses_other_shapes() -> None:
+    from model.distill import warm_start
+    from model.features import FeatureConfig
+    from model.package import ModelPackage
+    from model.tokens import CharVocab
+
+    vocab = ParseVocab(("A", "B", "C"), ("area",), tuple(f"w{i}" for i in range(9)))
+    source = ModelPackage(_model(8, 4), FeatureConfig(), vocab)
+    student = _model(8, 4)
+    assert not torch.equal(student.ctc_head.weight, source.model.ctc_head.weight)
+    warm_start(student, source, vocab, CharVocab())
+    for (name, a), (_, b) in zip(student.state_dict().items(),
+                                 source.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="architecture"):
+        warm_start(_model(4, 2), source, vocab, CharVocab())
+    other = ParseVocab(("A", "B", "D"), ("area",), vocab.words)
+    with pytest.raises(ValueError, match="vocabularies"):
+        warm_start(_model(8, 4), source, other, CharVocab())
