@@ -95,12 +95,15 @@ def build_lm_folder(
     return folder
 
 
-def copy_lm_folder(source: Path, target_model_dir: Path) -> None:
-    """Copy ``source/lm`` into ``target_model_dir/lm`` (replacing one that is there)."""
-    dst = Path(target_model_dir) / LM_DIRNAME
+def copy_lm_folder(lm_dir: Path, target_dir: Path) -> None:
+    """Copy the LM folder ``lm_dir`` to ``target_dir/lm`` (a model folder or bundle),
+    replacing one that is there; nothing to do when it already is that folder."""
+    dst = Path(target_dir) / LM_DIRNAME
+    if dst.resolve() == Path(lm_dir).resolve():
+        return
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(Path(source) / LM_DIRNAME, dst)
+    shutil.copytree(lm_dir, dst)
 
 
 def read_config(folder: Path) -> BeamConfig:

@@ -234,7 +234,7 @@ def warm_start(
 
     Raises:
         ValueError: the vocabularies differ (the heads' rows would mean other tokens) or
-            the architectures differ (names the first mismatching tensors).
+            the architectures differ (names both configurations).
     """
     if source.parse_vocab.tokens != vocab.tokens or source.ctc_vocab.to_json() != ctc_vocab.to_json():
         raise ValueError("warm start: the source model's vocabularies differ from the "

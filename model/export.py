@@ -30,7 +30,6 @@ gives the utterance-alone result).
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from model.beam import LM_DIRNAME, copy_lm_folder, has_lm
 from model.features import FeatureConfig
 from model.inference import min_input_frames
 from model.network import EncoderConfig, JointModel, ModelConfig, lengths_to_padding_mask, sinusoids
@@ -318,7 +318,7 @@ def export_onnx(package: ModelPackage, out_dir: Path, verify: bool = True,
     }
     _write_config(out_dir, config)
     if package.lm_dir is not None:
-        shutil.copytree(package.lm_dir, out_dir / "lm", dirs_exist_ok=True)
+        copy_lm_folder(package.lm_dir, out_dir)
     bundle = open_bundle(out_dir)
     if verify:
         check_bundle(bundle, model, atol=atol)
@@ -431,6 +431,6 @@ def quantize_bundle(src: Path, dst: Path, per_channel: bool = True,
                          "op_types": list(op_types)},
     })
     _write_config(dst, config)
-    if (src / "lm").is_dir():
-        shutil.copytree(src / "lm", dst / "lm", dirs_exist_ok=True)
+    if has_lm(src):
+        copy_lm_folder(src / LM_DIRNAME, dst)
     return open_bundle(dst)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from model.beam import (
     BeamConfig,
     BeamTranscriber,
     build_lm_folder,
+    copy_lm_folder,
     tune_beam,
     write_config,
 )
@@ -128,10 +128,7 @@ def attach_lm(
         {**asdict(result), "folder": str(folder), "config": asdict(config)}, indent=2),
         encoding="utf-8")
     for bundle in bundles:
-        dst = Path(bundle) / LM_DIRNAME
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(folder, dst)
+        copy_lm_folder(folder, bundle)
     log.info("LM attached to %s: lm_weight %.2f word_score %.2f copy_values %s; validation "
              "WER %.1f%% greedy → %.1f%% beam; SemER %s", model_dir, config.lm_weight,
              config.word_score, config.copy_values, 100 * result.greedy_wer,

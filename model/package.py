@@ -14,13 +14,13 @@ A folder is what training writes, DVC tracks, MLflow stores as an artifact and
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from model.beam import LM_DIRNAME, copy_lm_folder, has_lm
 from model.features import FeatureConfig
 from model.network import EncoderConfig, JointModel, ModelConfig
 from model.tokens import CharVocab, CTCVocab, ParseVocab, ctc_vocab_from_json
@@ -66,8 +66,8 @@ def save_package(package: ModelPackage, folder: Path) -> Path:
     torch.save(package.model.state_dict(), tmp)
     tmp.replace(folder / _WEIGHTS)
     (folder / _CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
-    if package.lm_dir is not None and package.lm_dir.resolve() != (folder / "lm").resolve():
-        shutil.copytree(package.lm_dir, folder / "lm", dirs_exist_ok=True)
+    if package.lm_dir is not None:
+        copy_lm_folder(package.lm_dir, folder)
     return folder
 
 
@@ -97,5 +97,5 @@ def load_package(folder: Path) -> ModelPackage:
         clarify_threshold=float(config.get("clarify_threshold", 0.0)),
         metadata=dict(config.get("metadata", {})),
         ctc_vocab=ctc_vocab_from_json(config.get("ctc_vocab")),
-        lm_dir=folder / "lm" if (folder / "lm" / "lm.arpa").is_file() else None,
+        lm_dir=folder / LM_DIRNAME if has_lm(folder) else None,
     )
