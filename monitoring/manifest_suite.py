@@ -44,6 +44,7 @@ from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.expectations.row_conditions import Column
 
 from model.data.manifest import ManifestRow
+from model.data.splits import ALL_SPLITS, template_group
 from voiceloop.settings import ValidationSettings
 
 __all__ = [
@@ -70,7 +71,7 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "template_id",
     "domain",
 )
-SPLITS: tuple[str, ...] = ("train", "valid", "test")
+SPLITS: tuple[str, ...] = ALL_SPLITS
 ENGINES: tuple[str, ...] = ("espeak-ng", "flite", "festival", "traffic")
 
 # Keep the column list in step with the pydantic contract; a drift here is a bug.
@@ -379,9 +380,12 @@ def _template_splits(frame: pd.DataFrame) -> dict[Any, list[str]]:
 
 
 def _splits_per_template(frame: pd.DataFrame) -> pd.Series:
+    """Distinct template splits per row's template: a held-out-voice split counts as the
+    split its sentences come from (``test_heldout`` shares ``test``'s templates)."""
     if "template_id" not in frame.columns:
         return pd.Series(pd.NA, index=frame.index, dtype="Int64")
-    splits = _template_splits(frame)
+    splits = {t: sorted({template_group(s) for s in ss})
+              for t, ss in _template_splits(frame).items()}
     counts = [
         len(splits[t]) if _is_present(t) and _hashable(t) and t in splits else pd.NA
         for t in frame["template_id"]

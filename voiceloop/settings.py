@@ -23,6 +23,7 @@ __all__ = [
     "LossSettings",
     "ModelSettings",
     "NoiseSettings",
+    "HeldoutVoiceSettings",
     "ReverbSettings",
     "Settings",
     "SpecAugmentSettings",
@@ -49,6 +50,21 @@ def _check_range(value: tuple[float, float]) -> tuple[float, float]:
     return value
 
 
+class HeldoutVoiceSettings(_Strict):
+    """The voice family no training utterance uses (leave-one-voice-family-out).
+
+    ``valid_utterances`` / ``test_utterances`` sentences of the valid / test templates are
+    rendered again with these voices (same sentences, same augmentation settings) into the
+    splits ``valid_heldout`` / ``test_heldout``. The gap between a split and its held-out
+    twin measures how well the model generalises to a voice it never heard.
+    """
+
+    engine: Engine = "festival"
+    voices: list[str] = ["ked"]
+    valid_utterances: int = Field(1500, ge=0)
+    test_utterances: int = Field(2000, ge=0)
+
+
 class TTSSettings(_Strict):
     """Which voices render the corpus, and how much prosody varies.
 
@@ -66,8 +82,22 @@ class TTSSettings(_Strict):
     rate: tuple[float, float] = (0.85, 1.2)
     espeak_pitch: tuple[int, int] = (30, 70)
     sample_rate: int = 16000
+    heldout: HeldoutVoiceSettings | None = None
 
     _rate = field_validator("rate")(_check_range)
+
+    @model_validator(mode="after")
+    def _heldout_unused(self) -> TTSSettings:
+        """A held-out voice must not also be a training voice (it would not be held out)."""
+        if self.heldout is None:
+            return self
+        training = {"flite": self.flite_voices, "festival": self.festival_voices,
+                    "espeak-ng": self.espeak_accents}[self.heldout.engine]
+        shared = sorted(set(training) & set(self.heldout.voices))
+        if shared and self.engine_weights.get(self.heldout.engine, 0) > 0:
+            raise ValueError(f"held-out voices {shared} are also training voices of "
+                             f"{self.heldout.engine}")
+        return self
 
     @field_validator("engine_weights")
     @classmethod

@@ -29,9 +29,15 @@ from model.data.grammar import DOMAINS, Grammar, GrammarReport, LabelledSentence
 from model.data.manifest import AugmentStep, ManifestRow, read_manifest, write_manifest
 from model.data.parallel import pool_context
 from model.data.seeding import stable_rng
-from model.data.splits import SPLITS, TemplateSplit, select_templates, split_templates
+from model.data.splits import (
+    ALL_SPLITS,
+    SPLITS,
+    TemplateSplit,
+    select_templates,
+    split_templates,
+)
 from model.data.stats import CorpusStats, corpus_stats
-from model.data.tts import SynthJob, VoiceSpec, sample_voice, synthesize
+from model.data.tts import SynthJob, VoiceSpec, sample_heldout_voice, sample_voice, synthesize
 from voiceloop.settings import AugmentSettings, CorpusSettings, Settings
 
 __all__ = [
@@ -87,7 +93,9 @@ class CorpusLayout:
         return self.manifests_dir / f"{split}.jsonl"
 
     def manifests(self) -> list[Path]:
-        return [self.manifest(s) for s in SPLITS]
+        """The manifests of every split this corpus has (held-out-voice splits if built)."""
+        return [self.manifest(s) for s in ALL_SPLITS
+                if s in SPLITS or self.manifest(s).exists()]
 
 
 @dataclass(frozen=True)
@@ -191,7 +199,28 @@ def plan_corpus(settings: Settings, grammar: Grammar | None = None) -> _Plan:
             continue  # same sentence from the same template: one recording is enough
         voice = sample_voice(cs.tts, stable_rng(settings.seed, "voice", uid))
         planned[uid] = PlannedUtterance(uid, sentence, split.split_of[sentence.template_id], voice)
+    if cs.tts.heldout is not None:
+        planned.update(_plan_heldout(settings, list(planned.values())))
     return _Plan(list(planned.values()), report, split, grammar)
+
+
+def _plan_heldout(
+    settings: Settings, utterances: list[PlannedUtterance]
+) -> dict[str, PlannedUtterance]:
+    """The held-out-voice twins: a random subset of the valid / test sentences spoken by
+    the held-out voice family, ids ``h…`` (the twin of ``u…``)."""
+    held = settings.corpus.tts.heldout
+    assert held is not None
+    twins: dict[str, PlannedUtterance] = {}
+    for split, count in (("valid", held.valid_utterances), ("test", held.test_utterances)):
+        pool = [u for u in utterances if u.split == split]
+        order = stable_rng(settings.seed, "heldout", split).permutation(len(pool))
+        for i in sorted(order[:count]):
+            utt = pool[int(i)]
+            uid = "h" + utt.id[1:]
+            voice = sample_heldout_voice(settings.corpus.tts, stable_rng(settings.seed, "voice", uid))
+            twins[uid] = PlannedUtterance(uid, utt.sentence, f"{split}_heldout", voice)
+    return twins
 
 
 # -- augmentation workers ---------------------------------------------------------------
@@ -319,7 +348,8 @@ def build_corpus(settings: Settings, progress: bool = True, validate: bool = Tru
     ]
     augmented = _augment_all(aug_jobs, settings, layout, babble, workers, progress)
 
-    rows_by_split: dict[str, list[ManifestRow]] = {s: [] for s in SPLITS}
+    rows_by_split: dict[str, list[ManifestRow]] = {
+        s: [] for s in ALL_SPLITS if s in SPLITS or cs.tts.heldout}
     for utt in rendered:
         path, steps, duration = augmented[utt.id]
         rows_by_split[utt.split].append(_manifest_row(utt, path, steps, duration, layout))

@@ -15,9 +15,26 @@ import numpy as np
 
 from model.data.grammar import Template
 
-__all__ = ["SPLITS", "TemplateSplit", "select_templates", "split_templates"]
+__all__ = [
+    "ALL_SPLITS",
+    "HELDOUT_SPLITS",
+    "SPLITS",
+    "TemplateSplit",
+    "select_templates",
+    "split_templates",
+    "template_group",
+]
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
+HELDOUT_SPLITS: tuple[str, ...] = ("valid_heldout", "test_heldout")
+"""Sentences of the valid/test templates spoken by the held-out voice family, which no
+training utterance uses: the leave-one-voice-family-out check of generalisation."""
+ALL_SPLITS: tuple[str, ...] = SPLITS + HELDOUT_SPLITS
+
+
+def template_group(split: str) -> str:
+    """The template split a split draws its sentences from (``test_heldout`` → ``test``)."""
+    return split.removesuffix("_heldout")
 _MIN_TEMPLATES_TO_HOLD_OUT = 3
 
 

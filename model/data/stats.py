@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pydantic import BaseModel
 
 from model.data.manifest import ManifestRow
-from model.data.splits import SPLITS
+from model.data.splits import ALL_SPLITS, SPLITS
 
 __all__ = ["CorpusStats", "corpus_stats"]
 
@@ -39,6 +39,10 @@ class CorpusStats(BaseModel):
     intent_balance: dict[str, dict[str, int]]
     imbalance_ratio: float
 
+    @property
+    def _splits(self) -> list[str]:
+        return list(self.utterances_by_split)
+
     def to_markdown(self) -> str:
         """Human-readable summary plus the per-intent balance table."""
         lines = [
@@ -57,11 +61,11 @@ class CorpusStats(BaseModel):
             "",
             "## Per-intent balance",
             "",
-            "| intent | " + " | ".join(SPLITS) + " |",
-            "|---|" + "---:|" * len(SPLITS),
+            "| intent | " + " | ".join(self._splits) + " |",
+            "|---|" + "---:|" * len(self._splits),
         ]
         for intent, by_split in self.intent_balance.items():
-            cells = " | ".join(str(by_split.get(s, 0)) for s in SPLITS)
+            cells = " | ".join(str(by_split.get(s, 0)) for s in self._splits)
             lines.append(f"| {intent} | {cells} |")
         return "\n".join(lines) + "\n"
 
@@ -70,6 +74,8 @@ def corpus_stats(rows: Iterable[ManifestRow]) -> CorpusStats:
     """Compute :class:`CorpusStats` over manifest rows of any splits."""
     rows = list(rows)
     by_split = Counter(r.split for r in rows)
+    # The three template splits always; the held-out-voice splits when the corpus has them.
+    splits = [s for s in ALL_SPLITS if s in SPLITS or by_split.get(s)]
     templates: dict[str, set[str]] = defaultdict(set)
     intents_by_split: dict[str, set[str]] = defaultdict(set)
     balance: dict[str, Counter[str]] = defaultdict(Counter)
@@ -84,10 +90,10 @@ def corpus_stats(rows: Iterable[ManifestRow]) -> CorpusStats:
     total_s = sum(seconds_by_engine.values())
     return CorpusStats(
         utterances=len(rows),
-        utterances_by_split={s: by_split.get(s, 0) for s in SPLITS},
-        templates_by_split={s: len(templates.get(s, ())) for s in SPLITS},
+        utterances_by_split={s: by_split.get(s, 0) for s in splits},
+        templates_by_split={s: len(templates.get(s, ())) for s in splits},
         intents=len(balance),
-        intents_by_split={s: len(intents_by_split.get(s, ())) for s in SPLITS},
+        intents_by_split={s: len(intents_by_split.get(s, ())) for s in splits},
         slot_types=sorted(slot_counts),
         slot_counts=dict(slot_counts.most_common()),
         domains=dict(Counter(r.domain for r in rows).most_common()),

@@ -49,6 +49,7 @@ __all__ = [
     "SynthResult",
     "VoiceSpec",
     "check_voice",
+    "sample_heldout_voice",
     "sample_voice",
     "synthesize",
 ]
@@ -188,6 +189,28 @@ def sample_voice(settings: TTSSettings, rng: np.random.Generator) -> VoiceSpec:
         plow, phigh = settings.espeak_pitch
         pitch = int(rng.integers(plow, phigh + 1))
     return VoiceSpec(engine=engine, voice=voice, rate=rate, pitch=pitch)
+
+
+def sample_heldout_voice(settings: TTSSettings, rng: np.random.Generator) -> VoiceSpec:
+    """Draw a voice of the held-out family ``settings.heldout`` (rate from ``settings.rate``,
+    espeak-ng pitch from ``settings.espeak_pitch``; an espeak-ng held-out voice is an accent
+    combined with a training variant).
+
+    Raises:
+        ValueError: ``settings.heldout`` is unset or has no voices.
+    """
+    held = settings.heldout
+    if held is None or not held.voices:
+        raise ValueError(f"no held-out voice family configured: {held!r}")
+    voice = held.voices[int(rng.integers(len(held.voices)))]
+    low, high = settings.rate
+    rate = round(float(rng.uniform(low, high)), 3)
+    pitch = None
+    if held.engine == "espeak-ng":
+        variant = settings.espeak_variants[int(rng.integers(len(settings.espeak_variants)))]
+        voice = f"{voice}+{variant}"
+        pitch = int(rng.integers(settings.espeak_pitch[0], settings.espeak_pitch[1] + 1))
+    return VoiceSpec(engine=held.engine, voice=voice, rate=rate, pitch=pitch)
 
 
 @functools.lru_cache(maxsize=1)
