@@ -1,7 +1,7 @@
 """Beam pruning: WER and decode time of the LM beam search with and without pruning.
 
 For the teacher and the student of a profile, CTC log-probabilities of a test-split
-sample are computed once (``model.lm_stage.ctc_emissions``), then decoded with each
+sample are computed once (``model.training.lm_stage.ctc_emissions``), then decoded with each
 model's tuned LM settings, first unpruned (beam threshold 50 = flashlight's default,
 every character tried per frame), then with the pruning of ``decode.lm``
 (``beam_threshold``, ``beam_size_token``). One thread; time is the beam search alone.
@@ -22,10 +22,10 @@ from pathlib import Path
 import jiwer
 import torch
 
-from model.beam import BeamTranscriber, read_config
-from model.lm_stage import ctc_emissions
-from model.package import load_package
-from model.train import load_split, random_subset
+from model.decoding.beam import BeamTranscriber, read_config
+from model.frontend.cache import load_split, random_subset
+from model.nn.package import load_package
+from model.training.lm_stage import ctc_emissions
 from voiceloop.settings import load_settings
 
 

@@ -8,7 +8,7 @@ validation at every epoch; its history: benchmarks/results/student_full_ablation
 
 import logging
 
-from model.distill import run_distill_stage
+from model.training.student import run_distill_stage
 from voiceloop.settings import load_settings
 
 logging.basicConfig(level=logging.INFO)

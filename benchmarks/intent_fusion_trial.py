@@ -22,9 +22,9 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from model.data.manifest import read_manifest
-from model.inference import SLUPredictor, length_sorted_batches
-from model.package import load_package
-from model.train import load_split, random_subset
+from model.frontend.cache import load_split, random_subset
+from model.inference.batch import SLUPredictor, length_sorted_batches
+from model.nn.package import load_package
 from voiceloop.settings import load_settings
 
 WEIGHTS = (0.3, 0.5, 1.0)

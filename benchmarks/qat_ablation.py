@@ -30,16 +30,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model.compare import folder_bytes
-from model.dataset import SLUDataset, make_batches
-from model.distill import student_losses, teacher_targets
-from model.evaluation import evaluate
-from model.export import export_onnx, quantize_bundle
-from model.features import SpecAugment
-from model.inference import SLUPredictor
-from model.package import ModelPackage, load_package, save_package
-from model.train import WarmupCosine, load_split
-from serving.onnx_predictor import OnnxSLUPredictor
+from model.evaluation.compare import folder_bytes
+from model.evaluation.report import evaluate
+from model.frontend.cache import load_split
+from model.frontend.features import SpecAugment
+from model.inference.batch import SLUPredictor
+from model.inference.onnx import OnnxSLUPredictor
+from model.nn.export import export_onnx, quantize_bundle
+from model.nn.package import ModelPackage, load_package, save_package
+from model.training.dataset import SLUDataset, make_batches
+from model.training.fit import WarmupCosine
+from model.training.student import student_losses, teacher_targets
 from voiceloop.settings import load_settings
 
 METRICS = ("intent_accuracy", "slot_f1", "wer", "semer", "exact_match")

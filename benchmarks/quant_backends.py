@@ -6,7 +6,7 @@ Backends, for the encoder + CTC + intent heads on one 3-s utterance (300 feature
   (b) torch.ao.quantization.quantize_dynamic on nn.Linear (int8 weights, eager)
   (c) torchao Int8DynamicActivationInt8WeightConfig via quantize_ (reported if it fails)
   (d) ONNX Runtime fp32 (the deploy bundle's encoder.onnx)
-  (e) ONNX Runtime int8 dynamic, MatMul/Gemm only (the default of model.export)
+  (e) ONNX Runtime int8 dynamic, MatMul/Gemm only (the default of model.nn.export)
   (e') ONNX Runtime int8 dynamic, MatMul/Gemm + Conv (ConvInteger), to choose the default
 
 plus the full greedy decode (encoder + ``--decode-steps`` parse-decoder steps with a growing
@@ -42,11 +42,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model.export import export_onnx, make_session, quantize_bundle
-from model.features import FeatureConfig
-from model.network import EncoderConfig, JointModel, ModelConfig
-from model.package import ModelPackage, load_package
-from model.tokens import ParseVocab
+from model.frontend.features import FeatureConfig
+from model.nn.export import export_onnx, make_session, quantize_bundle
+from model.nn.network import EncoderConfig, JointModel, ModelConfig
+from model.nn.package import ModelPackage, load_package
+from model.nn.tokens import ParseVocab
 
 _OUT = Path(__file__).parent / "results" / "quant_backends.json"
 

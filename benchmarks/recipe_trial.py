@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from model.train import train_teacher
+from model.training.teacher import train_teacher
 from voiceloop.settings import load_settings, repo_root
 
 RECIPES = {

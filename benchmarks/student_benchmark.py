@@ -36,17 +36,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.audio import load_audio
-from model.compare import folder_bytes
 from model.data.corpus import CorpusLayout
 from model.data.manifest import read_manifest
-from model.evaluation import evaluate
-from model.export import export_onnx, quantize_bundle
-from model.inference import SLUPredictor
-from model.package import load_package
-from model.streaming import StreamingRecognizer
-from model.train import load_split
-from serving.onnx_predictor import OnnxSLUPredictor
+from model.evaluation.compare import folder_bytes
+from model.evaluation.report import evaluate
+from model.frontend.audio import load_audio
+from model.frontend.cache import load_split
+from model.inference.batch import SLUPredictor
+from model.inference.onnx import OnnxSLUPredictor
+from model.inference.streaming import StreamingRecognizer
+from model.nn.export import export_onnx, quantize_bundle
+from model.nn.package import load_package
 from voiceloop.settings import load_settings
 
 METRICS = ("intent_accuracy", "slot_f1", "wer", "semer", "exact_match")

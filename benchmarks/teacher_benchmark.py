@@ -28,15 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.audio import load_audio
 from model.data.corpus import CorpusLayout
 from model.data.grammar import Grammar
 from model.data.manifest import read_manifest
-from model.dataset import SLUDataset, collate, load_features, make_batches
-from model.features import SpecAugment
-from model.inference import SLUPredictor
-from model.losses import ctc_loss, intent_loss, make_weighting, parse_loss
-from model.train import build_ctc_vocab, build_model, build_vocab, feature_config
+from model.frontend.audio import load_audio
+from model.frontend.cache import feature_config, load_features
+from model.frontend.features import SpecAugment
+from model.inference.batch import SLUPredictor
+from model.training.dataset import SLUDataset, collate, make_batches
+from model.training.fit import build_ctc_vocab, build_model, build_vocab
+from model.training.losses import ctc_loss, intent_loss, make_weighting, parse_loss
 from voiceloop.settings import load_settings
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 _CHILD = r"""
 import sys, time, torch
-from model.network import EncoderConfig, ModelConfig, JointModel
+from model.nn.network import EncoderConfig, ModelConfig, JointModel
 torch.set_num_threads(int(sys.argv[1]))
 m = JointModel(ModelConfig(EncoderConfig(d_model=96, layers=4, subsampling=8, causal_conv=True),
     n_chars=30, n_intents=42, n_parse_tokens=604, ctc_upsample=4, decoder_layers=1,

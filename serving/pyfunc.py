@@ -36,8 +36,8 @@ from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Array, ColSpec, Object, Property, Schema
 
-from model.audio import AudioError, load_audio, prepare_waveform
-from model.export import open_bundle
+from model.frontend.audio import AudioError, load_audio, prepare_waveform
+from model.nn.export import open_bundle
 
 __all__ = [
     "INPUT_COLUMNS",
@@ -106,7 +106,7 @@ class VoiceloopPyfunc(mlflow.pyfunc.PythonModel):
         self._predictor: Any = None
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from serving.onnx_predictor import OnnxSLUPredictor
+        from model.inference.onnx import OnnxSLUPredictor
 
         self._predictor = OnnxSLUPredictor(
             Path(context.artifacts["bundle"]), threads=self.threads,
@@ -249,7 +249,7 @@ def log_pyfunc(
     import serving as serving_package
 
     bundle = open_bundle(bundle_dir)
-    from model.export import load_bundle_config
+    from model.nn.export import load_bundle_config
 
     rate = load_bundle_config(bundle.folder).features.sample_rate
     code_paths = [str(Path(p.__file__).parent) for p in (model_package, serving_package)]

@@ -169,7 +169,7 @@ def train(
     (`model/`, `history.csv`, `train_metrics.json`, `learning_curves.png`) and logs
     everything to MLflow; the model is registered as `voiceloop-slu-teacher@current`.
     """
-    from model.train import train_teacher
+    from model.training.teacher import train_teacher
 
     _setup_logging(quiet)
     settings = load_settings(params, profile, workspace)
@@ -226,7 +226,7 @@ def evaluate(
     Writes `metrics.json`, `evaluation.json`, `evaluation.md`, `confusion_matrix.png` and
     `reliability.png`, and logs them to MLflow.
     """
-    from model.evaluate import evaluate_model
+    from model.evaluation.evaluate import evaluate_model
 
     _setup_logging(quiet)
     settings = load_settings(params, profile, workspace)
@@ -277,7 +277,7 @@ def distill(
     `--track`, registered as an MLflow pyfunc model `voiceloop-slu@candidate`.
     Writes `WORKSPACE/models/PROFILE/student/`.
     """
-    from model.distill import run_distill_stage
+    from model.training.student import run_distill_stage
 
     _setup_logging(quiet)
     settings = load_settings(params, profile, workspace)
@@ -316,7 +316,7 @@ def lm_command(
     this model. Training runs this itself; use it for models trained before it existed,
     or after the corpus grew.
     """
-    from model.lm_stage import attach_lm
+    from model.training.lm_stage import attach_lm
 
     _setup_logging(quiet)
     settings = load_settings(params, profile, workspace)
@@ -352,7 +352,7 @@ def predict(
     audio cannot be read, or that lacks `id`/`audio`, gets an `error` field instead of
     stopping the run.
     """
-    from model.predict import predict_manifest
+    from model.inference.predict import predict_manifest
 
     _setup_logging(quiet)
     settings = load_settings(params, None, workspace)

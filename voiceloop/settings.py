@@ -20,10 +20,10 @@ __all__ = [
     "CorpusSettings",
     "DecodeSettings",
     "FeatureSettings",
+    "HeldoutVoiceSettings",
     "LossSettings",
     "ModelSettings",
     "NoiseSettings",
-    "HeldoutVoiceSettings",
     "ReverbSettings",
     "Settings",
     "SpecAugmentSettings",
@@ -198,7 +198,7 @@ class CorpusSettings(_Strict):
 
 
 class SpecAugmentSettings(_Strict):
-    """Time/frequency masking in training (see ``model.features.SpecAugment``)."""
+    """Time/frequency masking in training (see ``model.frontend.features.SpecAugment``)."""
 
     freq_masks: int = Field(2, ge=0)
     freq_width: int = Field(15, ge=0)
@@ -285,7 +285,7 @@ class TrainSettings(_Strict):
 
 
 class LMSettings(_Strict):
-    """The transcript's lexicon + word n-gram beam search (``model.beam``). The n-gram
+    """The transcript's lexicon + word n-gram beam search (``model.decoding.beam``). The n-gram
     (``order``, absolute ``discount``) is trained on the training transcripts; the LM
     weight and word score are chosen from the grids by WER on up to
     ``tune_utterances`` validation utterances, per model (a weaker acoustic model wants

@@ -18,17 +18,16 @@ import soundfile as sf
 import torch
 from mlflow.tracking import MlflowClient
 
-from model.audio import load_audio
-from model.beam import has_lm
 from model.data.corpus import CorpusLayout, build_corpus
 from model.data.manifest import read_manifest
-from model.distill import DistillOutcome, StudentLayout, run_distill_stage, train_student
-from model.features import FeatureExtractor
-from model.inference import SLUPredictor
-from model.package import load_package
-from model.predict import predict_manifest
-from model.streaming import StreamingRecognizer
-from model.train import train_teacher
+from model.frontend.audio import load_audio
+from model.frontend.features import FeatureExtractor
+from model.inference.batch import SLUPredictor
+from model.inference.predict import predict_manifest
+from model.inference.streaming import StreamingRecognizer
+from model.nn.package import has_lm, load_package
+from model.training.student import DistillOutcome, StudentLayout, run_distill_stage, train_student
+from model.training.teacher import train_teacher
 from voiceloop.settings import Settings, load_settings
 from voiceloop.tracking import mlflow_scope
 

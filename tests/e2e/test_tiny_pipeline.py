@@ -15,13 +15,14 @@ import soundfile as sf
 import torch
 from mlflow.tracking import MlflowClient
 
-from model.beam import has_lm
 from model.data.corpus import CorpusLayout, build_corpus
-from model.evaluate import evaluate_model
-from model.inference import SLUPredictor
-from model.package import load_package
-from model.predict import predict_manifest
-from model.train import TeacherLayout, load_split, train_teacher
+from model.evaluation.evaluate import evaluate_model
+from model.frontend.cache import load_split
+from model.inference.batch import SLUPredictor
+from model.inference.predict import predict_manifest
+from model.nn.package import has_lm, load_package
+from model.training.fit import TeacherLayout
+from model.training.teacher import train_teacher
 from voiceloop.settings import Settings, load_settings
 
 pytestmark = pytest.mark.e2e

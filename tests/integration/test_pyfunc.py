@@ -19,14 +19,14 @@ import pytest
 import soundfile as sf
 import torch
 
-from model.export import DeployBundle, export_onnx, quantize_bundle
-from model.features import FeatureConfig
-from model.network import EncoderConfig, JointModel, ModelConfig
-from model.package import ModelPackage
-from model.predict import predict_manifest
-from model.prediction import Prediction, read_predictions
-from model.tokens import ParseVocab
-from serving.onnx_predictor import OnnxSLUPredictor, load_predictor, pyfunc_bundle_dir
+from model.frontend.features import FeatureConfig
+from model.inference.onnx import OnnxSLUPredictor, load_predictor, pyfunc_bundle_dir
+from model.inference.predict import predict_manifest
+from model.inference.prediction import Prediction, read_predictions
+from model.nn.export import DeployBundle, export_onnx, quantize_bundle
+from model.nn.network import EncoderConfig, JointModel, ModelConfig
+from model.nn.package import ModelPackage
+from model.nn.tokens import ParseVocab
 from serving.pyfunc import log_pyfunc, register_pyfunc, wav_base64
 from voiceloop.settings import Settings, load_settings
 from voiceloop.tracking import RunLogger, mlflow_scope, resolve_model_uri

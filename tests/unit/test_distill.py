@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.distill import _chunk_mask, _parse_tensors, ctc_frame_ms
-from model.network import EncoderConfig, JointModel, ModelConfig
-from model.tokens import ParseVocab
+from model.nn.network import EncoderConfig, JointModel, ModelConfig
+from model.nn.tokens import ParseVocab
+from model.training.student import _chunk_mask, _parse_tensors, ctc_frame_ms
 
 torch.set_num_threads(1)
 
@@ -49,8 +49,8 @@ def test_dynamic_chunk_mask_sampling() -> None:
 
 
 def test_unlabelled_audio_uses_the_teachers_own_parse_as_target() -> None:
-    from model.decoding import greedy_parse
-    from model.distill import _teacher_outputs
+    from model.decoding.greedy import greedy_parse
+    from model.training.student import _teacher_outputs
 
     torch.manual_seed(0)
     teacher = _model(4, 2).eval()
@@ -68,7 +68,7 @@ def test_unlabelled_audio_uses_the_teachers_own_parse_as_target() -> None:
 
 
 def test_cached_teacher_targets_pad_into_batches() -> None:
-    from model.distill import TeacherTargets
+    from model.training.student import TeacherTargets
 
     targets = TeacherTargets(
         ctc=[torch.ones(5, 3).half(), torch.ones(3, 3).half()],
@@ -88,10 +88,10 @@ def test_cached_teacher_targets_pad_into_batches() -> None:
 
 
 def test_warm_start_copies_weights_and_refuses_other_shapes() -> None:
-    from model.distill import warm_start
-    from model.features import FeatureConfig
-    from model.package import ModelPackage
-    from model.tokens import CharVocab
+    from model.frontend.features import FeatureConfig
+    from model.nn.package import ModelPackage
+    from model.nn.tokens import CharVocab
+    from model.training.student import warm_start
 
     vocab = ParseVocab(("A", "B", "C"), ("area",), tuple(f"w{i}" for i in range(9)))
     source = ModelPackage(_model(8, 4), FeatureConfig(), vocab)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model.distill_losses import hidden_mse, kd_ctc, kd_intent, kd_parse, kl_with_temperature
+from model.training.kd_losses import hidden_mse, kd_ctc, kd_intent, kd_parse, kl_with_temperature
 
 torch.set_num_threads(1)
 

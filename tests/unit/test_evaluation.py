@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from model.data.manifest import AugmentStep, ManifestRow, Slot
-from model.evaluation import MISSING_PREDICTION, NO_INTENT, evaluate, write_report
-from model.prediction import Prediction
+from model.evaluation.report import MISSING_PREDICTION, NO_INTENT, evaluate, write_report
+from model.inference.prediction import Prediction
 
 
 def _row(

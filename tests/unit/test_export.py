@@ -16,7 +16,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from model.export import (
+from model.frontend.features import FeatureConfig
+from model.inference.batch import SLUPredictor
+from model.inference.onnx import OnnxSLUPredictor, load_predictor
+from model.nn.export import (
     DeployBundle,
     check_bundle,
     export_onnx,
@@ -25,12 +28,9 @@ from model.export import (
     open_bundle,
     quantize_bundle,
 )
-from model.features import FeatureConfig
-from model.inference import SLUPredictor, min_input_frames
-from model.network import EncoderConfig, JointModel, ModelConfig
-from model.package import ModelPackage, save_package
-from model.tokens import ParseVocab
-from serving.onnx_predictor import OnnxSLUPredictor, load_predictor
+from model.nn.network import EncoderConfig, JointModel, ModelConfig, min_input_frames
+from model.nn.package import ModelPackage, save_package
+from model.nn.tokens import ParseVocab
 
 torch.set_num_threads(1)
 

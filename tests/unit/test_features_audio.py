@@ -5,8 +5,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from model.audio import AudioError, load_audio, prepare_waveform
-from model.features import FeatureConfig, FeatureExtractor, SpecAugment
+from model.frontend.audio import AudioError, load_audio, prepare_waveform
+from model.frontend.features import FeatureConfig, FeatureExtractor, SpecAugment
 
 torch.set_num_threads(1)
 
@@ -66,7 +66,7 @@ def test_load_audio_reads_any_rate_and_reports_unreadable(tmp_path) -> None:
 
 
 def test_global_normalisation_uses_stored_statistics() -> None:
-    from model.features import global_stats, normalise_features
+    from model.frontend.features import global_stats, normalise_features
 
     torch.manual_seed(0)
     raws = [torch.randn(50, 80) * 3 + 2, torch.randn(30, 80) * 3 + 2]

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.beam import BeamConfig, BeamTranscriber, build_lm_folder, has_lm, tune_beam
-from model.decoding import ctc_greedy
-from model.lm import train_ngram
-from model.tokens import CharVocab, WordVocab
+from model.decoding.beam import BeamConfig, BeamTranscriber, build_lm_folder, tune_beam
+from model.decoding.greedy import ctc_greedy
+from model.decoding.ngram import train_ngram
+from model.nn.package import has_lm
+from model.nn.tokens import CharVocab, WordVocab
 
 VOCAB = CharVocab()
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from model.losses import (
+from model.nn.tokens import ParseVocab
+from model.training.losses import (
     ScheduledWeighting,
     UncertaintyWeighting,
     ctc_loss,
@@ -13,7 +14,6 @@ from model.losses import (
     make_weighting,
     parse_loss,
 )
-from model.tokens import ParseVocab
 
 
 def test_ctc_loss_near_zero_for_confident_correct_path() -> None:

@@ -3,7 +3,7 @@
 import pytest
 
 from model.data.manifest import Slot
-from model.metrics import (
+from model.evaluation.metrics import (
     Confusion,
     cer,
     char_distance,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model.network import (
+from model.nn.network import (
     ConformerEncoder,
     ConvSubsampling,
     EncoderConfig,
@@ -119,7 +119,7 @@ def test_self_attention_matches_torch_multihead_attention_and_loads_its_weights(
     """Older checkpoints used nn.MultiheadAttention; ours must load them and agree."""
     from torch import nn
 
-    from model.network import SelfAttention
+    from model.nn.network import SelfAttention
 
     torch.manual_seed(0)
     ref = nn.MultiheadAttention(48, 4, batch_first=True).eval()
@@ -132,7 +132,7 @@ def test_self_attention_matches_torch_multihead_attention_and_loads_its_weights(
 
 
 def test_self_attention_cache_gives_same_keys_as_full_sequence() -> None:
-    from model.network import SelfAttention
+    from model.nn.network import SelfAttention
 
     torch.manual_seed(0)
     attn = SelfAttention(32, 4, 0.0).eval()

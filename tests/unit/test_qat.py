@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from model.network import EncoderConfig, JointModel, JointOutput, ModelConfig
-from model.qat import (
+from model.nn.network import EncoderConfig, JointModel, JointOutput, ModelConfig
+from model.nn.qat import (
     DynamicActivationFakeQuant,
     WeightFakeQuant,
     int8_weight_grid_error,

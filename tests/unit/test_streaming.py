@@ -9,17 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from model.features import FeatureConfig, FeatureExtractor
-from model.inference import SLUPredictor
-from model.network import EncoderConfig, JointModel, ModelConfig
-from model.package import ModelPackage
-from model.streaming import (
-    StreamingEncoder,
-    StreamingFeatures,
-    StreamingRecognizer,
-    chunk_attention_mask,
-)
-from model.tokens import ParseVocab
+from model.frontend.features import FeatureConfig, FeatureExtractor
+from model.inference.batch import SLUPredictor
+from model.inference.streaming import StreamingEncoder, StreamingFeatures, StreamingRecognizer
+from model.nn.network import EncoderConfig, JointModel, ModelConfig, chunk_attention_mask
+from model.nn.package import ModelPackage
+from model.nn.tokens import ParseVocab
 
 torch.set_num_threads(1)
 

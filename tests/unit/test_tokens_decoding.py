@@ -5,9 +5,14 @@ import pytest
 import torch
 
 from model.data.manifest import Slot
-from model.dataset import make_batches
-from model.decoding import choose_clarify_threshold, ctc_greedy, greedy_parse_steps, value_mask
-from model.tokens import CharVocab, ParseVocab, WordVocab, ctc_vocab_from_json, format_parse
+from model.decoding.greedy import (
+    choose_clarify_threshold,
+    ctc_greedy,
+    greedy_parse_steps,
+    value_mask,
+)
+from model.nn.tokens import CharVocab, ParseVocab, WordVocab, ctc_vocab_from_json, format_parse
+from model.training.dataset import make_batches
 
 
 def test_char_vocab_round_trip() -> None:

@@ -14,21 +14,43 @@ A folder is what training writes, DVC tracks, MLflow stores as an artifact and
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from model.beam import LM_DIRNAME, copy_lm_folder, has_lm
-from model.features import FeatureConfig
-from model.network import EncoderConfig, JointModel, ModelConfig
-from model.tokens import CharVocab, CTCVocab, ParseVocab, ctc_vocab_from_json
+from model.frontend.features import FeatureConfig
+from model.nn.network import EncoderConfig, JointModel, ModelConfig
+from model.nn.tokens import CharVocab, CTCVocab, ParseVocab, ctc_vocab_from_json
 
 __all__ = ["ModelPackage", "load_package", "save_package"]
 
 _WEIGHTS = "weights.pt"
 _CONFIG = "config.json"
+
+
+LM_DIRNAME = "lm"
+LM_FILES = ("lexicon.txt", "lm.arpa", "decoder.json")
+"""What an LM folder holds (see ``model.decoding.beam``)."""
+
+
+def has_lm(folder: Path) -> bool:
+    """True when ``folder`` (a model folder or bundle) carries an ``lm/`` folder."""
+    lm = Path(folder) / LM_DIRNAME
+    return all((lm / name).is_file() for name in LM_FILES)
+
+
+def copy_lm_folder(lm_dir: Path, target_dir: Path) -> None:
+    """Copy the LM folder ``lm_dir`` to ``target_dir/lm`` (a model folder or bundle),
+    replacing one that is there; nothing to do when it already is that folder."""
+    dst = Path(target_dir) / LM_DIRNAME
+    if dst.resolve() == Path(lm_dir).resolve():
+        return
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(lm_dir, dst)
 
 
 @dataclass
@@ -41,7 +63,7 @@ class ModelPackage:
     clarify_threshold: float = 0.0
     metadata: dict[str, Any] = field(default_factory=dict)
     ctc_vocab: CTCVocab = field(default_factory=CharVocab)
-    # The transcript LM folder (``model.beam``) that travels with the model, if any.
+    # The transcript LM folder (``model.decoding.beam``) that travels with the model, if any.
     lm_dir: Path | None = None
 
     @property
@@ -99,3 +121,4 @@ def load_package(folder: Path) -> ModelPackage:
         ctc_vocab=ctc_vocab_from_json(config.get("ctc_vocab")),
         lm_dir=folder / LM_DIRNAME if has_lm(folder) else None,
     )
+

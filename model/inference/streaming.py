@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.beam import BeamTranscriber
-from model.decoding import greedy_parse, value_mask
-from model.features import FeatureExtractor
-from model.inference import Decoded
-from model.network import JointModel, chunk_attention_mask, sinusoids
-from model.package import ModelPackage
+from model.decoding.beam import BeamTranscriber
+from model.decoding.greedy import greedy_parse, value_mask
+from model.frontend.features import FeatureExtractor
+from model.inference.batch import Decoded
+from model.nn.network import JointModel, chunk_attention_mask, sinusoids
+from model.nn.package import ModelPackage
 
 __all__ = [
     "PartialResult",

@@ -1,64 +1,25 @@
-"""Training data: cached features, encoded targets, length-bucketed batches.
+"""Training data: encoded targets over cached features, length-bucketed batches.
 
-Features are computed once per corpus split and cached as fp16 under
-``<workspace>/features/<profile>/`` (keyed by the manifest's content and the feature
-settings), because recomputing log-mels every epoch would cost as much as training.
+The features themselves come from ``model.frontend.cache``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
-from model.audio import load_audio
 from model.data.manifest import ManifestRow
-from model.features import FeatureConfig, FeatureExtractor, normalise_features
-from model.tokens import CTCVocab, ParseVocab
+from model.frontend.features import FeatureConfig, normalise_features
+from model.nn.tokens import CTCVocab, ParseVocab
 
-__all__ = ["Batch", "SLUDataset", "collate", "load_features", "make_batches", "pad_parses"]
+__all__ = ["Batch", "SLUDataset", "collate", "make_batches", "pad_parses"]
 
 log = logging.getLogger(__name__)
-
-
-def _cache_key(rows: Sequence[ManifestRow], cfg: FeatureConfig) -> str:
-    digest = hashlib.sha1(repr(asdict(cfg)).encode())
-    for row in rows:
-        digest.update(f"{row.id}\x00{row.audio}\x00{row.duration_s}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def load_features(
-    rows: Sequence[ManifestRow],
-    manifest_dir: Path,
-    cfg: FeatureConfig,
-    cache_dir: Path | None = None,
-    progress: bool = True,
-) -> list[Tensor]:
-    """Log-mel features ``(T_i, F)`` (fp16) for each row, from cache when possible."""
-    cache: Path | None = None
-    if cache_dir is not None:
-        cache = cache_dir / f"features-{_cache_key(rows, cfg)}.pt"
-        if cache.exists():
-            return torch.load(cache)
-    extractor = FeatureExtractor(cfg)
-    feats = [
-        extractor(load_audio(row.audio_path(manifest_dir), cfg.sample_rate)).to(torch.float16)
-        for row in tqdm(rows, desc="features", unit="utt", disable=not progress)
-    ]
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(feats, tmp)
-        tmp.replace(cache)
-    return feats
 
 
 @dataclass

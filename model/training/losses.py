@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from model.tokens import ParseVocab
+from model.nn.tokens import ParseVocab
 
 __all__ = [
     "TASKS",

@@ -7,11 +7,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.dataset import SLUDataset
-from model.evaluation import EvaluationReport, evaluate, write_report
-from model.package import load_package
-from model.prediction import write_predictions
-from model.train import load_split, predict_dataset
+from model.evaluation.report import EvaluationReport, evaluate, write_report
+from model.frontend.cache import load_split
+from model.inference.batch import predict_dataset
+from model.inference.prediction import write_predictions
+from model.nn.package import load_package
 from voiceloop.settings import Settings
 
 __all__ = ["EvaluateResult", "evaluate_model"]
@@ -46,8 +46,8 @@ def evaluate_model(
     folder = resolve_model_uri(model_uri, settings)
     package = load_package(folder)
     rows, feats = load_split(settings, split, progress, package.features)
-    data = SLUDataset(rows, feats, package.ctc_vocab, package.parse_vocab)
-    preds = predict_dataset(package, data, settings.decode.batch_size, settings.decode.max_parse_len,
+    preds = predict_dataset(package, [r.id for r in rows], feats, settings.decode.batch_size,
+                            settings.decode.max_parse_len,
                             settings.decode.lm.enabled if use_lm is None else use_lm)
     report = evaluate(rows, preds)
     if out_dir is None:

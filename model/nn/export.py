@@ -40,12 +40,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model.beam import LM_DIRNAME, copy_lm_folder, has_lm
-from model.features import FeatureConfig
-from model.inference import min_input_frames
-from model.network import EncoderConfig, JointModel, ModelConfig, lengths_to_padding_mask, sinusoids
-from model.package import ModelPackage, save_package
-from model.tokens import CTCVocab, ParseVocab, ctc_vocab_from_json
+from model.frontend.features import FeatureConfig
+from model.nn.network import (
+    EncoderConfig,
+    JointModel,
+    ModelConfig,
+    lengths_to_padding_mask,
+    min_input_frames,
+    sinusoids,
+)
+from model.nn.package import LM_DIRNAME, ModelPackage, copy_lm_folder, has_lm, save_package
+from model.nn.tokens import CTCVocab, ParseVocab, ctc_vocab_from_json
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -84,7 +89,7 @@ DECODER_OUTPUTS = ("logits",)
 # kernel and adds a DynamicQuantizeLinear + dequantise around every small conv, and it saves
 # only ~60 kB (the front end and depthwise convs are tiny). So convolutions stay fp32;
 # every matmul-shaped layer (attention, feed-forward, pointwise, heads) is int8 — which is
-# also exactly what model.qat fake-quantises during training.
+# also exactly what model.nn.qat fake-quantises during training.
 DEFAULT_INT8_OP_TYPES: tuple[str, ...] = ("MatMul", "Gemm")
 
 
@@ -149,7 +154,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not is_bundle(folder):
         raise ValueError(
             f"{folder} is not a deploy bundle: expected {ENCODER_FILE}, {DECODER_FILE} and "
-            f"{CONFIG_FILE} (written by model.export.export_onnx)"
+            f"{CONFIG_FILE} (written by model.nn.export.export_onnx)"
         )
     config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     onnx_section = config.get("onnx")
@@ -196,7 +201,7 @@ def open_bundle(folder: Path) -> DeployBundle:
 class _EncoderGraph(nn.Module):
     """Encoder + CTC + intent heads as one traceable module.
 
-    Mirrors :meth:`model.network.ConformerEncoder.forward` minus its data-dependent
+    Mirrors :meth:`model.nn.network.ConformerEncoder.forward` minus its data-dependent
     length check (``bool(tensor)`` cannot be exported); equality with the eager model is
     checked by :func:`check_bundle`.
     """
@@ -266,7 +271,7 @@ def _strip_node_metadata(path: Path) -> None:
 
 
 def _package_config(package: ModelPackage) -> dict[str, Any]:
-    """Exactly the ``config.json`` that :func:`model.package.save_package` writes."""
+    """Exactly the ``config.json`` that :func:`model.nn.package.save_package` writes."""
     with tempfile.TemporaryDirectory() as tmp:
         save_package(package, Path(tmp))
         return json.loads((Path(tmp) / CONFIG_FILE).read_text(encoding="utf-8"))

@@ -33,28 +33,24 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-import model.lm_stage  # noqa: F401  loaded before the hour of training, not after it
-from model.compare import Comparison, compare_models
-from model.dataset import SLUDataset, collate, make_batches, pad_parses
-from model.decoding import greedy_parse
-from model.distill_losses import hidden_mse, kd_ctc, kd_intent, kd_parse
-from model.export import export_onnx, quantize_bundle
-from model.features import FeatureConfig, SpecAugment, global_stats, normalise_features
-from model.losses import ctc_loss, intent_loss, parse_loss
-from model.network import JointModel, JointOutput
-from model.package import ModelPackage, load_package, save_package
-from model.qat import QATHandle, prepare_qat
-from model.streaming import chunk_attention_mask
-from model.tokens import CTCVocab, ParseVocab
-from model.train import (
+import model.training.lm_stage  # noqa: F401  loaded before the hour of training, not after it
+from model.decoding.greedy import greedy_parse
+from model.evaluation.compare import Comparison, compare_models
+from model.frontend.cache import load_split, random_subset
+from model.frontend.features import FeatureConfig, SpecAugment, global_stats, normalise_features
+from model.nn.export import export_onnx, quantize_bundle
+from model.nn.network import JointModel, JointOutput, chunk_attention_mask
+from model.nn.package import ModelPackage, load_package, save_package
+from model.nn.qat import QATHandle, prepare_qat
+from model.nn.tokens import CTCVocab, ParseVocab
+from model.training.dataset import SLUDataset, collate, make_batches, pad_parses
+from model.training.fit import (
     RunLayout,
     WarmupCosine,
     attach_lm_metrics,
     build_model,
     clarify_threshold_for,
     epochs_in_budget,
-    load_split,
-    random_subset,
     restore_rng_state,
     rng_state,
     save_checkpoint,
@@ -64,6 +60,8 @@ from model.train import (
     write_history,
     write_run_summary,
 )
+from model.training.kd_losses import hidden_mse, kd_ctc, kd_intent, kd_parse
+from model.training.losses import ctc_loss, intent_loss, parse_loss
 from voiceloop.settings import Settings
 
 __all__ = [

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.network import JointModel
-from model.tokens import ParseVocab
+from model.nn.network import JointModel
+from model.nn.tokens import ParseVocab
 
 __all__ = [
     "ParseStep",

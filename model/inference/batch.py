@@ -2,8 +2,8 @@
 
 :class:`BatchPredictor` holds everything that does not depend on how the network runs:
 audio loading and checks, features, length-sorted batching, turning decoder outputs into
-:class:`Decoded` and :class:`~model.prediction.Prediction`. :class:`SLUPredictor` runs a
-torch :class:`~model.package.ModelPackage`; ``serving.onnx_predictor.OnnxSLUPredictor``
+:class:`Decoded` and :class:`~model.inference.prediction.Prediction`. :class:`SLUPredictor` runs a
+torch :class:`~model.nn.package.ModelPackage`; ``model.inference.onnx.OnnxSLUPredictor``
 runs an exported ONNX bundle through the same interface.
 """
 
@@ -21,14 +21,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from model.audio import AudioError, load_audio, prepare_waveform
-from model.beam import BeamTranscriber
-from model.decoding import ctc_greedy, greedy_parse, value_mask
-from model.features import FeatureConfig, FeatureExtractor
-from model.network import chunk_attention_mask
-from model.package import ModelPackage, load_package
-from model.prediction import Prediction
-from model.tokens import CTCVocab, ParseVocab
+from model.decoding.beam import BeamTranscriber
+from model.decoding.greedy import ctc_greedy, greedy_parse, value_mask
+from model.frontend.audio import AudioError, load_audio, prepare_waveform
+from model.frontend.features import FeatureConfig, FeatureExtractor
+from model.inference.prediction import Prediction
+from model.nn.network import chunk_attention_mask, min_input_frames
+from model.nn.package import ModelPackage, load_package
+from model.nn.tokens import CTCVocab, ParseVocab
 
 __all__ = [
     "BatchOutput",
@@ -37,7 +37,7 @@ __all__ = [
     "SLUPredictor",
     "decoded_to_prediction",
     "length_sorted_batches",
-    "min_input_frames",
+    "predict_dataset",
 ]
 
 
@@ -89,16 +89,6 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[l
         yield order[start : start + batch_size]
 
 
-def min_input_frames(subsampling: int) -> int:
-    """Fewest feature frames from which the conv front end (unpadded 3-wide convs, time
-    strides 2,2 / 2,3 / 2,2,2) still emits one encoder frame: 7 for ×4 and ×6, 15 for ×8."""
-    strides = {4: (2, 2), 6: (2, 3), 8: (2, 2, 2)}[subsampling]
-    frames = 1
-    for stride in reversed(strides):
-        frames = (frames - 1) * stride + 3  # inverse of L -> (L - 3) // s + 1
-    return frames
-
-
 class BatchPredictor(ABC):
     """Runs a network on features, waveforms or audio files (subclasses run the network).
 
@@ -114,7 +104,7 @@ class BatchPredictor(ABC):
         batch_size: utterances per forward pass.
         max_parse_len: longest parse to decode.
         lm_dir: a model folder or bundle with ``lm/``: transcripts then come from the
-            lexicon + n-gram beam search (``model.beam``) instead of greedy CTC.
+            lexicon + n-gram beam search (``model.decoding.beam``) instead of greedy CTC.
     """
 
     def __init__(
@@ -256,7 +246,7 @@ class SLUPredictor(BatchPredictor):
         self.package = package
         self.model = package.model.eval()
         # Chunked attention (encoder frames per chunk): what streaming with that chunk
-        # size computes (model.streaming proves the equality), at batch speed.
+        # size computes (model.inference.streaming proves the equality), at batch speed.
         self.chunk = chunk
 
     @classmethod
@@ -282,3 +272,14 @@ class SLUPredictor(BatchPredictor):
             intent_probs=torch.softmax(self.model.intent_head(enc, pad).float(), dim=-1),
             parses=parses,
         )
+
+
+def predict_dataset(
+    package: ModelPackage, ids: Sequence[str], feats: Sequence[Tensor], batch_size: int,
+    max_parse_len: int, use_lm: bool = True,
+) -> list[Prediction]:
+    """Predictions for utterances ``ids`` from their cached features ``[(T_i, F)]``
+    (transcripts from the package's LM beam search when it has one and ``use_lm``)."""
+    predictor = SLUPredictor(package, batch_size=batch_size, max_parse_len=max_parse_len,
+                             use_lm=use_lm)
+    return predictor.predict_features(list(ids), list(feats))

@@ -9,8 +9,8 @@
                                                              (B, U) → (B, P) ─► greedy parse
 
 Everything around the network (audio checks, features, batching, the prediction
-contract, error predictions) is :class:`model.inference.BatchPredictor`'s, shared with
-the torch predictor; so are the greedy CTC and parse loops (:mod:`model.decoding`).
+contract, error predictions) is :class:`model.inference.batch.BatchPredictor`'s, shared with
+the torch predictor; so are the greedy CTC and parse loops (:mod:`model.decoding.greedy`).
 
 :func:`load_predictor` opens whatever a model folder holds: a torch package, a deploy
 bundle, or an MLflow pyfunc model (``MLmodel``) carrying a bundle among its artifacts.
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.beam import has_lm
-from model.decoding import greedy_parse_steps
-from model.export import (
+from model.decoding.greedy import greedy_parse_steps
+from model.inference.batch import BatchOutput, BatchPredictor, SLUPredictor
+from model.nn.export import (
     BundleConfig,
     DeployBundle,
     is_bundle,
@@ -35,7 +35,7 @@ from model.export import (
     make_session,
     open_bundle,
 )
-from model.inference import BatchOutput, BatchPredictor, SLUPredictor
+from model.nn.package import has_lm
 
 __all__ = ["OnnxSLUPredictor", "load_predictor", "pyfunc_bundle_dir"]
 
@@ -46,8 +46,8 @@ class OnnxSLUPredictor(BatchPredictor):
     """Runs a deploy bundle (fp32 or int8) with ONNX Runtime on the CPU.
 
     Args:
-        bundle_dir: folder written by :func:`model.export.export_onnx` or
-            :func:`model.export.quantize_bundle`.
+        bundle_dir: folder written by :func:`model.nn.export.export_onnx` or
+            :func:`model.nn.export.quantize_bundle`.
         threads: intra-op threads per session (inter-op: 1).
         batch_size: utterances per forward pass.
         max_parse_len: longest parse to decode (capped by the model's ``max_parse_len``).
@@ -137,7 +137,7 @@ def load_predictor(
     - ``MLmodel`` (an MLflow pyfunc model from :func:`serving.pyfunc.log_pyfunc`) → the
       bundle among its artifacts, with :class:`OnnxSLUPredictor`;
     - ``encoder.onnx`` + ``config.json`` (a deploy bundle) → :class:`OnnxSLUPredictor`;
-    - ``weights.pt`` + ``config.json`` (a torch package) → :class:`~model.inference.SLUPredictor`.
+    - ``weights.pt`` + ``config.json`` (a torch package) → :class:`~model.inference.batch.SLUPredictor`.
 
     ``use_lm``: transcripts from the model's ``lm/`` beam search when it has one.
 

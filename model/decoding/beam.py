@@ -8,7 +8,7 @@ hypothesis as ``acoustic log-prob + lm_weight · LM log-prob + word_score · wor
 An LM folder (``lm/`` inside a model folder or deploy bundle) holds:
 
 - ``lexicon.txt``: ``word<TAB>w o r d |`` per training word;
-- ``lm.arpa``: the word n-gram of :mod:`model.lm`, trained on training transcripts;
+- ``lm.arpa``: the word n-gram of :mod:`model.decoding.ngram`, trained on training transcripts;
 - ``decoder.json``: :class:`BeamConfig` (beam size, weights chosen on validation data).
 
 Only the final transcript uses it; streaming partials stay greedy (cheap, and they are
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,8 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model.lm import train_ngram
-from model.tokens import CharVocab, CTCVocab
+from model.decoding.ngram import train_ngram
+from model.nn.package import LM_DIRNAME, LM_FILES, copy_lm_folder, has_lm
+from model.nn.tokens import CharVocab, CTCVocab
 
 __all__ = [
     "LM_DIRNAME",
@@ -44,8 +44,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LM_DIRNAME = "lm"
-_LEXICON, _ARPA, _CONFIG = "lexicon.txt", "lm.arpa", "decoder.json"
+_LEXICON, _ARPA, _CONFIG = LM_FILES
 _SIL = "|"
 
 
@@ -57,7 +56,7 @@ class BeamConfig:
     ``beam_threshold`` (log-score) of the best, extended by the ``beam_size_token`` most
     likely characters (``benchmarks/beam_pruning.py``, 1,000 test utterances: decoding
     6.3 → 2.0 ms per utterance for the teacher, WER 24.8 → 24.9 %). ``copy_values``: the parse decoder may only use
-    value words of this transcript (``model.decoding.value_mask``)."""
+    value words of this transcript (``model.decoding.greedy.value_mask``)."""
 
     beam_size: int = 50
     beam_threshold: float = 12.0
@@ -66,12 +65,6 @@ class BeamConfig:
     word_score: float = 0.0
     order: int = 3
     copy_values: bool = True
-
-
-def has_lm(folder: Path) -> bool:
-    """True when ``folder`` (a model folder or bundle) carries an ``lm/`` folder."""
-    lm = Path(folder) / LM_DIRNAME
-    return all((lm / name).is_file() for name in (_LEXICON, _ARPA, _CONFIG))
 
 
 def build_lm_folder(
@@ -93,17 +86,6 @@ def build_lm_folder(
     (folder / _CONFIG).write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
     log.info("language model: %d words, %d sentences → %s", len(words), len(sentences), folder)
     return folder
-
-
-def copy_lm_folder(lm_dir: Path, target_dir: Path) -> None:
-    """Copy the LM folder ``lm_dir`` to ``target_dir/lm`` (a model folder or bundle),
-    replacing one that is there; nothing to do when it already is that folder."""
-    dst = Path(target_dir) / LM_DIRNAME
-    if dst.resolve() == Path(lm_dir).resolve():
-        return
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(lm_dir, dst)
 
 
 def read_config(folder: Path) -> BeamConfig:

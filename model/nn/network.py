@@ -507,7 +507,7 @@ class JointModel(nn.Module):
             parse_in: ``(B, U)`` decoder input tokens (teacher forcing) or None.
             parse_pad_mask: ``(B, U)`` True on padded decoder positions.
             attn_mask: ``(T', T')`` encoder attention mask (True = blocked), e.g. the
-                chunk mask of streaming training (``model.streaming.chunk_attention_mask``).
+                chunk mask of streaming training (``model.inference.streaming.chunk_attention_mask``).
         """
         enc, enc_lengths, pad = self.encode(feats, lengths, attn_mask)
         parse_logits = (
@@ -525,3 +525,13 @@ class JointModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def min_input_frames(subsampling: int) -> int:
+    """Fewest feature frames from which the conv front end (unpadded 3-wide convs, time
+    strides 2,2 / 2,3 / 2,2,2) still emits one encoder frame: 7 for ×4 and ×6, 15 for ×8."""
+    strides = {4: (2, 2), 6: (2, 3), 8: (2, 2, 2)}[subsampling]
+    frames = 1
+    for stride in reversed(strides):
+        frames = (frames - 1) * stride + 3  # inverse of L -> (L - 3) // s + 1
+    return frames

@@ -11,13 +11,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.evaluation import EvaluationReport, evaluate, write_report
-from model.export import load_bundle_config
-from model.inference import SLUPredictor
-from model.package import load_package
-from model.prediction import write_predictions
-from model.train import load_split
-from serving.onnx_predictor import OnnxSLUPredictor
+from model.evaluation.report import EvaluationReport, evaluate, write_report
+from model.frontend.cache import load_split
+from model.inference.batch import SLUPredictor
+from model.inference.onnx import OnnxSLUPredictor
+from model.inference.prediction import write_predictions
+from model.nn.export import load_bundle_config
+from model.nn.package import load_package
 from voiceloop.settings import Settings
 
 __all__ = ["COMPARED", "Comparison", "compare_models", "folder_bytes", "score_bundle"]

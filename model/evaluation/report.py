@@ -10,7 +10,7 @@
   applied (``noise``, ``reverb``, ...). An utterance with noise and reverb is counted in
   both slices, so these slices overlap and their ``n`` can add up to more than the total;
   the question they answer is "how do we do on audio that had X applied?";
-- ``duration``: :func:`model.metrics.duration_bucket` of the audio duration.
+- ``duration``: :func:`model.evaluation.metrics.duration_bucket` of the audio duration.
 
 The intent is deliberately not a slice family: the confusion matrix covers it.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from model.data.manifest import ManifestRow
-from model.metrics import (
+from model.evaluation.metrics import (
     DURATION_BUCKETS,
     ReliabilityBin,
     cer,
@@ -43,7 +43,7 @@ from model.metrics import (
     slu_f1,
     wer,
 )
-from model.prediction import Prediction
+from model.inference.prediction import Prediction
 
 __all__ = [
     "MISSING_PREDICTION",

@@ -19,22 +19,20 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from model.beam import (
-    LM_DIRNAME,
+from model.data.manifest import read_manifest
+from model.decoding.beam import (
     BeamConfig,
     BeamTranscriber,
     build_lm_folder,
-    copy_lm_folder,
     tune_beam,
     write_config,
 )
-from model.data.manifest import read_manifest
-from model.decoding import ctc_greedy
-from model.evaluation import evaluate
-from model.inference import SLUPredictor, length_sorted_batches
-from model.package import ModelPackage, load_package
-from model.tokens import CharVocab
-from model.train import load_split, random_subset
+from model.decoding.greedy import ctc_greedy
+from model.evaluation.report import evaluate
+from model.frontend.cache import load_split, random_subset
+from model.inference.batch import SLUPredictor, length_sorted_batches
+from model.nn.package import LM_DIRNAME, ModelPackage, copy_lm_folder, load_package
+from model.nn.tokens import CharVocab
 from voiceloop.settings import Settings
 
 __all__ = ["LMResult", "attach_lm", "ctc_emissions"]

@@ -1,7 +1,7 @@
 """Batch prediction over a JSON Lines manifest (the ``voiceloop predict`` contract).
 
 The model may be a torch package folder, an ONNX deploy bundle, an MLflow pyfunc model
-folder, or an MLflow URI resolving to any of these (see ``serving.onnx_predictor.load_predictor``).
+folder, or an MLflow URI resolving to any of these (see ``model.inference.onnx.load_predictor``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.prediction import Prediction, write_predictions
+from model.inference.prediction import Prediction, write_predictions
 from voiceloop.settings import Settings
 
 __all__ = ["PredictSummary", "predict_manifest"]
@@ -66,7 +66,7 @@ def predict_manifest(
     ``decode.lm.enabled``)."""
     import torch
 
-    from serving.onnx_predictor import load_predictor
+    from model.inference.onnx import load_predictor
     from voiceloop.tracking import resolve_model_uri
 
     predictor = load_predictor(
