@@ -70,13 +70,14 @@ def corpus(
     `WORKSPACE/corpus/PROFILE/` (`manifests/`, `reports/stats.md`,
     `reports/validation.md`, `quarantine.jsonl`).
     """
-    from model.data.corpus import CorpusValidationError, build_corpus
+    from model.data.corpus import CorpusValidationError
+    from voiceloop.stages import corpus_stage
 
     _setup_logging(quiet)
     settings = load_settings(params, profile, workspace)
     start = time.perf_counter()
     try:
-        report = build_corpus(settings, progress=not quiet)
+        report = corpus_stage(settings, progress=not quiet, validate=validate)
     except CorpusValidationError as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from exc
@@ -163,17 +164,19 @@ def train(
 ) -> None:
     """Train the teacher (Conformer encoder; CTC, intent and parse heads) on the corpus.
 
-    Multitask loss with learned task weights, a short-and-clean-first curriculum, AdamW
-    with warm-up and cosine decay, bf16 autocast, checkpoints every epoch (a crashed run
-    resumes), early stopping on validation SemER. Writes `WORKSPACE/models/PROFILE/teacher/`
+    CTC over tagged transcripts (slots are read off them) plus intent cross-entropy with
+    fixed weights, on-the-fly voice perturbation (speed, VTLP, spectral tilt) and
+    SpecAugment, AdamW with warm-up and cosine decay, checkpoints every epoch (a crashed
+    run resumes), checkpoint selection and early stopping on the mean validation SemER of
+    the training voices and of a voice family never trained on. Writes `WORKSPACE/models/PROFILE/teacher/`
     (`model/`, `history.csv`, `train_metrics.json`, `learning_curves.png`) and logs
     everything to MLflow; the model is registered as `voiceloop-slu-teacher@current`.
     """
-    from model.training.teacher import train_teacher
+    from voiceloop.stages import train_stage
 
     _setup_logging(quiet)
     settings = load_settings(params, profile, workspace)
-    result = train_teacher(settings, progress=not quiet, resume=resume, track=track)
+    result = train_stage(settings, progress=not quiet, resume=resume, track=track).result
     v = result.best_valid
     typer.echo(
         f"teacher '{settings.profile}': {result.parameters / 1e6:.2f} M parameters, "
@@ -226,11 +229,11 @@ def evaluate(
     Writes `metrics.json`, `evaluation.json`, `evaluation.md`, `confusion_matrix.png` and
     `reliability.png`, and logs them to MLflow.
     """
-    from model.evaluation.evaluate import evaluate_model
+    from voiceloop.stages import evaluate_stage
 
     _setup_logging(quiet)
     settings = load_settings(params, profile, workspace)
-    result = evaluate_model(settings, model, split, out, progress=not quiet, track=track,
+    result = evaluate_stage(settings, model, split, out, progress=not quiet, track=track,
                             use_lm=lm)
     o = result.report.overall
     typer.echo(
@@ -277,12 +280,12 @@ def distill(
     `--track`, registered as an MLflow pyfunc model `voiceloop-slu@candidate`.
     Writes `WORKSPACE/models/PROFILE/student/`.
     """
-    from model.training.student import run_distill_stage
+    from voiceloop.stages import distill_stage
 
     _setup_logging(quiet)
     settings = load_settings(params, profile, workspace)
-    outcome = run_distill_stage(settings, teacher, progress=not quiet, resume=resume, track=track,
-                                out_dir=out, init_from=init_from)
+    outcome = distill_stage(settings, teacher, progress=not quiet, resume=resume, track=track,
+                            out_dir=out, init_from=init_from)
     r, c = outcome.result, outcome.comparison
     typer.echo(
         f"student '{settings.profile}': {r.parameters / 1e6:.2f} M parameters, {r.epochs_run} "
@@ -352,12 +355,12 @@ def predict(
     audio cannot be read, or that lacks `id`/`audio`, gets an `error` field instead of
     stopping the run.
     """
-    from model.inference.predict import predict_manifest
+    from voiceloop.stages import predict_stage
 
     _setup_logging(quiet)
     settings = load_settings(params, None, workspace)
-    summary = predict_manifest(settings, model, manifest, out, batch_size, progress=not quiet,
-                               use_lm=lm)
+    summary = predict_stage(settings, model, manifest, out, batch_size, progress=not quiet,
+                            use_lm=lm)
     typer.echo(
         f"{summary.written} predictions ({summary.errors} with errors) → {out}"
     )

@@ -32,6 +32,7 @@ __all__ = [
     "TrackingSettings",
     "TrainSettings",
     "ValidationSettings",
+    "WarpSettings",
     "load_settings",
     "repo_root",
 ]
@@ -198,29 +199,52 @@ class CorpusSettings(_Strict):
 
 
 class SpecAugmentSettings(_Strict):
-    """Time/frequency masking in training (see ``model.frontend.features.SpecAugment``)."""
+    """Time/frequency masking in training (see ``model.frontend.features.SpecAugment``).
+    ``ramp_epochs``: mask widths grow linearly from zero to full strength over this many
+    epochs (lighter masking while the model first learns to align)."""
 
     freq_masks: int = Field(2, ge=0)
     freq_width: int = Field(15, ge=0)
     time_masks: int = Field(2, ge=0)
     time_width_frac: float = Field(0.05, ge=0, le=0.5)
     time_width_max: int = Field(20, ge=0)
+    ramp_epochs: float = Field(0.0, ge=0)
+
+
+class WarpSettings(_Strict):
+    """On-the-fly voice perturbation of cached log-mels in training
+    (``model.frontend.warp.FeatureWarp``): speed (time stretch and frequency warp by the
+    same factor, Kaldi's 0.9-1.1 speed perturbation), vocal-tract-length perturbation
+    (frequency warp alone) and a random spectral tilt/EQ of up to ``tilt_db``; each is
+    applied to an utterance with probability ``p``. Null ranges switch a transform off."""
+
+    speed: tuple[float, float] | None = (0.9, 1.1)
+    vtlp: tuple[float, float] | None = (0.9, 1.1)
+    tilt_db: float = Field(6.0, ge=0)
+    p: float = Field(0.5, ge=0, le=1)
 
 
 class FeatureSettings(_Strict):
-    """Log-mel features: ``n_mels`` bins, ``win_ms``/``hop_ms`` in milliseconds."""
+    """Log-mel features: ``n_mels`` bins, ``win_ms``/``hop_ms`` in milliseconds.
+    ``normalise`` is the teacher's (per utterance); the student's is
+    ``student.normalise``."""
 
     n_mels: int = Field(80, ge=8)
     win_ms: float = 25.0
     hop_ms: float = 10.0
     normalise: Literal["utterance", "none"] = "utterance"
     specaugment: SpecAugmentSettings = SpecAugmentSettings()
+    warp: WarpSettings = WarpSettings()
 
 
 class ModelSettings(_Strict):
     """Network shape (teacher). ``subsampling`` is the encoder's time reduction;
-    ``ctc_units`` the CTC vocabulary (characters, or whole words of the closed command
-    vocabulary); ``ctc_upsample`` the CTC label slots per encoder frame."""
+    ``ctc_units`` the CTC vocabulary (``tagged``: characters plus slot tags, so slots are
+    read off the transcript; ``char``: characters; ``word``: whole words of the closed
+    command vocabulary); ``ctc_upsample`` the CTC label slots per encoder frame;
+    ``decoder_layers`` 0 = no parse decoder (slots from the tagged transcript);
+    ``inter_ctc_layer`` adds an intermediate CTC loss on that block's output (0 = none);
+    ``frontend_channels`` sizes the convolutional front end."""
 
     d_model: int = Field(144, ge=16)
     encoder_layers: int = Field(6, ge=1)
@@ -229,13 +253,15 @@ class ModelSettings(_Strict):
     conv_kernel: int = Field(15, ge=3)
     subsampling: Literal[4, 6, 8] = 4
     dropout: float = Field(0.1, ge=0, lt=1)
-    decoder_layers: int = Field(2, ge=1)
+    decoder_layers: int = Field(2, ge=0)
     decoder_heads: int = Field(4, ge=1)
     decoder_ffn: int = Field(576, ge=16)
     max_parse_len: int = Field(48, ge=8)
-    ctc_units: Literal["char", "word"] = "char"
+    ctc_units: Literal["char", "tagged", "word"] = "char"
     ctc_upsample: int = Field(2, ge=1, le=4)
     causal_conv: bool = False   # the streaming student: convolutions see only the past
+    frontend_channels: int = Field(32, ge=4)
+    inter_ctc_layer: int = Field(0, ge=0)
 
 
 class LossSettings(_Strict):
@@ -245,14 +271,15 @@ class LossSettings(_Strict):
     2018) starting from ``weights``; ``schedule`` moves linearly from ``weights`` to
     ``final_weights`` over ``schedule_epochs`` (acoustics early, semantics later);
     ``fixed`` keeps ``weights``. ``label_smoothing`` applies to the parse decoder.
+    ``inter_ctc`` weighs the intermediate CTC loss (models with ``inter_ctc_layer``).
     """
 
-    weighting: Literal["uncertainty", "schedule", "fixed"] = "uncertainty"
-    weights: dict[Literal["ctc", "intent", "parse"], float] = {
-        "ctc": 1.0, "intent": 0.5, "parse": 0.5
+    weighting: Literal["uncertainty", "schedule", "fixed"] = "fixed"
+    weights: dict[Literal["ctc", "intent", "parse", "inter_ctc"], float] = {
+        "ctc": 1.0, "intent": 0.3, "parse": 1.0, "inter_ctc": 0.3
     }
-    final_weights: dict[Literal["ctc", "intent", "parse"], float] = {
-        "ctc": 0.5, "intent": 1.0, "parse": 1.0
+    final_weights: dict[Literal["ctc", "intent", "parse", "inter_ctc"], float] = {
+        "ctc": 0.5, "intent": 1.0, "parse": 1.0, "inter_ctc": 0.3
     }
     schedule_epochs: int = Field(5, ge=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
@@ -277,7 +304,9 @@ class TrainSettings(_Strict):
     min_epochs: int = Field(8, ge=0)
     max_minutes: float | None = Field(None, gt=0)
     threads: int = Field(2, ge=1)
-    bf16: bool = True
+    # bfloat16 autocast: fast only where the CPU has native bf16 (AVX512-BF16 / AMX);
+    # emulated elsewhere and then slower than fp32. "auto" asks oneDNN.
+    bf16: bool | Literal["auto"] = "auto"
     log_every_steps: int = Field(20, ge=1)
     eval_max_utterances: int | None = Field(None, ge=1)
     max_train_utterances: int | None = Field(None, ge=1)  # random subset, for recipe trials
@@ -309,6 +338,10 @@ class DecodeSettings(_Strict):
     max_parse_len: int = Field(40, ge=4)
     clarify_target_accuracy: float = Field(0.98, gt=0, le=1)
     batch_size: int = Field(16, ge=1)
+    # Temperature-scale the intent confidences on the held-out-voice validation split
+    # (the in-voice one when the corpus has none): pseudo-labels, clarify and label-free
+    # performance estimates trust these numbers on voices the model never heard.
+    calibrate: bool = True
     lm: LMSettings = LMSettings()
 
 
@@ -321,8 +354,8 @@ class DistillSettings(_Strict):
     """
 
     temperature: float = Field(2.0, gt=0)
-    weights: dict[Literal["ctc", "intent", "parse"], float] = {
-        "ctc": 0.5, "intent": 0.5, "parse": 0.5
+    weights: dict[Literal["ctc", "intent", "parse", "inter_ctc"], float] = {
+        "ctc": 0.5, "intent": 0.5, "parse": 0.5, "inter_ctc": 0.0
     }
     kd_weights: dict[Literal["ctc", "intent", "parse", "hidden"], float] = {
         "ctc": 1.0, "intent": 1.0, "parse": 1.0, "hidden": 0.0
@@ -353,8 +386,12 @@ class StreamingSettings(_Strict):
 
 
 class StudentSettings(_Strict):
-    """The deployed model: a smaller, causal encoder distilled from the teacher."""
+    """The deployed model: a smaller, causal encoder distilled from the teacher.
+    ``normalise``: its feature normalisation, which must be causal to stream: ``causal``
+    (running per-utterance mean blended with the global mean, see
+    ``model.frontend.features``) or ``global`` (fixed training-set statistics)."""
 
+    normalise: Literal["causal", "global"] = "causal"
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
     distill: DistillSettings = DistillSettings()

@@ -7,7 +7,8 @@ hypothesis as ``acoustic log-prob + lm_weight · LM log-prob + word_score · wor
 
 An LM folder (``lm/`` inside a model folder or deploy bundle) holds:
 
-- ``lexicon.txt``: ``word<TAB>w o r d |`` per training word;
+- ``lexicon.txt``: ``word<TAB>w o r d |`` per word (a slot tag such as ``<area>`` is one
+  CTC unit: ``<area><TAB><area> |``);
 - ``lm.arpa``: the word n-gram of :mod:`model.decoding.ngram`, trained on training transcripts;
 - ``decoder.json``: :class:`BeamConfig` (beam size, weights chosen on validation data).
 
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from model.decoding.ngram import train_ngram
 from model.nn.package import LM_DIRNAME, LM_FILES, copy_lm_folder, has_lm
-from model.nn.tokens import CharVocab, CTCVocab
+from model.nn.tokens import CharVocab, CTCVocab, TaggedCharVocab, is_tag
 
 __all__ = [
     "LM_DIRNAME",
@@ -82,7 +83,8 @@ def build_lm_folder(
     folder.mkdir(parents=True, exist_ok=True)
     train_ngram(sentences, config.order, discount).write_arpa(folder / _ARPA)
     (folder / _LEXICON).write_text(
-        "".join(f"{w}\t{' '.join(w)} {_SIL}\n" for w in words), encoding="utf-8")
+        "".join(f"{w}\t{w if is_tag(w) else ' '.join(w)} {_SIL}\n" for w in words),
+        encoding="utf-8")
     (folder / _CONFIG).write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
     log.info("language model: %d words, %d sentences → %s", len(words), len(sentences), folder)
     return folder
@@ -124,22 +126,24 @@ class BeamTranscriber:
 
     Args:
         model_dir: folder holding ``lm/`` (model package or deploy bundle).
-        ctc_vocab: the model's CTC units; must be characters (a word-unit CTC needs no
-            lexicon search).
+        ctc_vocab: the model's CTC units; characters or tagged characters (a word-unit CTC
+            needs no lexicon search). With tags, transcripts come back tagged.
         config: overrides ``lm/decoder.json`` (used when tuning the weights).
 
     Raises:
-        ValueError: ``ctc_vocab`` is not a character vocabulary, or no ``lm/`` folder.
+        TypeError: ``ctc_vocab`` is not a character vocabulary.
+        ValueError: no ``lm/`` folder.
     """
 
     def __init__(self, model_dir: Path, ctc_vocab: CTCVocab, config: BeamConfig | None = None):
-        if not isinstance(ctc_vocab, CharVocab):
+        if not isinstance(ctc_vocab, CharVocab | TaggedCharVocab):
             raise TypeError("lexicon beam search needs a character CTC vocabulary")
         if not has_lm(model_dir):
             raise ValueError(f"{model_dir} has no language model folder ({LM_DIRNAME}/)")
         from torchaudio.models.decoder import ctc_decoder  # needs flashlight-text
 
         self.folder = Path(model_dir) / LM_DIRNAME
+        self.ctc_vocab = ctc_vocab
         self.config = config or read_config(model_dir)
         self.tokens = [_SIL if s == " " else s for s in ctc_vocab.symbols]
         self._sil = self.tokens.index(_SIL)
@@ -157,7 +161,7 @@ class BeamTranscriber:
 
     def with_config(self, config: BeamConfig) -> BeamTranscriber:
         """A transcriber on the same LM folder with other settings."""
-        return BeamTranscriber(self.folder.parent, CharVocab(), config)
+        return BeamTranscriber(self.folder.parent, self.ctc_vocab, config)
 
     def decode(self, log_probs: Tensor, lengths: Tensor) -> list[str]:
         """Transcribe a batch.
@@ -189,24 +193,23 @@ class BeamTranscriber:
 def tune_beam(
     transcriber: BeamTranscriber,
     emissions: Sequence[tuple[Tensor, int]],
-    references: Sequence[str],
+    score: Callable[[list[str]], float],
     lm_weights: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
     word_scores: Sequence[float] = (-1.0, 0.0, 1.0, 2.0),
     on_trial: Callable[[], object] | None = None,
 ) -> tuple[BeamConfig, dict[str, float]]:
-    """Choose ``lm_weight`` and ``word_score`` by WER on held-in data (validation split).
+    """Choose ``lm_weight`` and ``word_score`` by ``score`` (lower is better: WER, or
+    SemER for a tagged model) of the decoded held-in data (validation split).
 
     Args:
         transcriber: a transcriber whose beam size is kept.
         emissions: per utterance ``(T', C)`` log-probs and its valid length.
-        references: reference transcripts, same order.
+        score: decoded transcripts (input order) → error rate.
         on_trial: called after each setting (progress bars).
 
     Returns:
-        The best config and WER per tried ``"lm_weight/word_score"``.
+        The best config and the score per tried ``"lm_weight/word_score"``.
     """
-    import jiwer
-
     scores: dict[str, float] = {}
     best: tuple[float, BeamConfig] | None = None
     for lm_weight in lm_weights:
@@ -214,11 +217,11 @@ def tune_beam(
             config = replace(transcriber.config, lm_weight=lm_weight, word_score=word_score)
             trial = transcriber.with_config(config)
             hyps = [trial.decode(e[None, :n], torch.tensor([n]))[0] for e, n in emissions]
-            wer = float(jiwer.wer(list(references), hyps))
-            scores[f"{lm_weight}/{word_score}"] = wer
+            value = float(score(hyps))
+            scores[f"{lm_weight}/{word_score}"] = value
             if on_trial:
                 on_trial()
-            if best is None or wer < best[0]:
-                best = (wer, config)
+            if best is None or value < best[0]:
+                best = (value, config)
     assert best is not None
     return best[1], scores

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -82,13 +82,17 @@ def random_subset(
 
 
 def load_split(
-    settings: Settings, split: str, progress: bool, features: FeatureConfig | None = None
-) -> tuple[list[ManifestRow], list]:
-    """Rows of ``split`` and their features ``[(T_i, F)]`` (fp16, cached).
+    settings: Settings, split: str, progress: bool, features: FeatureConfig | None = None,
+    raw: bool = False,
+) -> tuple[list[ManifestRow], list[Tensor]]:
+    """Rows of ``split`` and their features ``[(T_i, F)]`` (fp16).
 
-    ``features`` defaults to the teacher's configuration from ``settings``. A ``global``
-    configuration (the streaming student's) is served from the cache of raw log-mels,
-    normalised with its statistics on the way out.
+    One cache of raw log-mels per split serves every normalisation: ``features``
+    (default: the teacher's configuration from ``settings``) is applied on the way out,
+    unless ``raw`` (training data, which is perturbed before it is normalised).
+
+    Raises:
+        FileNotFoundError: the split's manifest does not exist.
     """
     layout = CorpusLayout(settings.corpus_dir)
     path = layout.manifest(split)
@@ -99,11 +103,12 @@ def load_split(
         )
     rows = read_manifest(path)
     cfg = features or feature_config(settings)
-    cached_cfg = replace(cfg, normalise="none", mean=None, std=None) if cfg.normalise == "global" else cfg
+    cached_cfg = FeatureConfig(sample_rate=cfg.sample_rate, n_mels=cfg.n_mels, win_ms=cfg.win_ms,
+                               hop_ms=cfg.hop_ms, normalise="none")
     feats = load_features(
         rows, layout.manifests_dir, cached_cfg,
         settings.workspace / "features" / settings.profile, progress,
     )
-    if cfg.normalise == "global":
+    if not raw and cfg.normalise != "none":
         feats = [normalise_features(f, cfg).to(torch.float16) for f in feats]
     return rows, feats

@@ -28,7 +28,7 @@ from model.frontend.features import FeatureConfig, FeatureExtractor
 from model.inference.prediction import Prediction
 from model.nn.network import chunk_attention_mask, min_input_frames
 from model.nn.package import ModelPackage, load_package
-from model.nn.tokens import CTCVocab, ParseVocab
+from model.nn.tokens import CTCVocab, ParseVocab, TaggedCharVocab, split_tagged
 
 __all__ = [
     "BatchOutput",
@@ -57,14 +57,16 @@ class BatchOutput:
     """What a network gives for one padded batch of B utterances.
 
     Attributes:
-        transcripts: B transcripts (:meth:`BatchPredictor._transcribe`).
-        intent_probs: ``(B, I)`` intent posteriors.
-        parses: B parse token-id lists (no ``<bos>``/``<eos>``).
+        transcripts: B transcripts (:meth:`BatchPredictor._transcribe`); tagged
+            transcripts for a tagged CTC head.
+        intent_logits: ``(B, I)`` intent logits (before temperature scaling).
+        parses: B parse token-id lists (no ``<bos>``/``<eos>``), or None for a model
+            without a parse decoder (its slots come from the tagged transcript).
     """
 
     transcripts: list[str]
-    intent_probs: Tensor
-    parses: list[list[int]]
+    intent_logits: Tensor
+    parses: list[list[int]] | None
 
 
 def decoded_to_prediction(
@@ -105,6 +107,7 @@ class BatchPredictor(ABC):
         max_parse_len: longest parse to decode.
         lm_dir: a model folder or bundle with ``lm/``: transcripts then come from the
             lexicon + n-gram beam search (``model.decoding.beam``) instead of greedy CTC.
+        intent_temperature: confidences are ``softmax(logits / intent_temperature)``.
     """
 
     def __init__(
@@ -117,7 +120,11 @@ class BatchPredictor(ABC):
         batch_size: int = 16,
         max_parse_len: int = 40,
         lm_dir: Path | None = None,
+        intent_temperature: float = 1.0,
     ) -> None:
+        if intent_temperature <= 0:
+            raise ValueError(f"intent_temperature must be positive, got {intent_temperature}")
+        self.intent_temperature = intent_temperature
         self.feature_config = features
         self.transcriber = BeamTranscriber(lm_dir, ctc_vocab) if lm_dir is not None else None
         self.extractor = FeatureExtractor(features)
@@ -157,16 +164,23 @@ class BatchPredictor(ABC):
         """Decode a list of ``(T_i, F)`` feature arrays."""
         results: dict[int, Decoded] = {}
         intents = self.parse_vocab.intents
+        tagged = isinstance(self.ctc_vocab, TaggedCharVocab)
         for idx in length_sorted_batches([f.shape[0] for f in feats], self.batch_size):
             batch = [feats[i].float() for i in idx]
             lengths = torch.tensor([f.shape[0] for f in batch])
             padded = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True)
             out = self._decode_batch(padded, lengths)
-            conf, best = out.intent_probs.float().max(dim=-1)
+            probs = torch.softmax(out.intent_logits.float() / self.intent_temperature, dim=-1)
+            conf, best = probs.max(dim=-1)
             for j, i in enumerate(idx):
-                parse_intent, slots = self.parse_vocab.decode(out.parses[j])
+                transcript, slots = out.transcripts[j], []
+                parse_intent = intents[int(best[j])]
+                if tagged:
+                    transcript, slots = split_tagged(transcript, self.parse_vocab.slot_types)
+                if out.parses is not None:
+                    parse_intent, slots = self.parse_vocab.decode(out.parses[j])
                 results[i] = Decoded(
-                    transcript=out.transcripts[j],
+                    transcript=transcript,
                     intent=intents[int(best[j])],
                     confidence=float(conf[j]),
                     parse_intent=parse_intent,
@@ -242,6 +256,7 @@ class SLUPredictor(BatchPredictor):
             package.features, package.parse_vocab, package.ctc_vocab, package.clarify_threshold,
             package.model.cfg.encoder.subsampling, batch_size, max_parse_len,
             package.lm_dir.parent if use_lm and package.lm_dir is not None else None,
+            package.intent_temperature,
         )
         self.package = package
         self.model = package.model.eval()
@@ -265,11 +280,13 @@ class SLUPredictor(BatchPredictor):
             mask = chunk_attention_mask(frames, self.chunk)
         enc, enc_lengths, pad = self.model.encode(feats, lengths, mask)
         transcripts = self._transcribe(*self.model.ctc(enc, enc_lengths))
-        parses, _ = greedy_parse(self.model, enc, pad, self.max_parse_len,
-                                 self._allowed_tokens(transcripts))
+        parses = None
+        if self.model.parse_decoder is not None:
+            parses, _ = greedy_parse(self.model, enc, pad, self.max_parse_len,
+                                     self._allowed_tokens(transcripts))
         return BatchOutput(
             transcripts=transcripts,
-            intent_probs=torch.softmax(self.model.intent_head(enc, pad).float(), dim=-1),
+            intent_logits=self.model.intent_head(enc, pad).float(),
             parses=parses,
         )
 

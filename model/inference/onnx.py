@@ -68,10 +68,12 @@ class OnnxSLUPredictor(BatchPredictor):
             cfg.features, cfg.parse_vocab, cfg.ctc_vocab, cfg.clarify_threshold,
             cfg.model.encoder.subsampling, batch_size, max_parse_len,
             self.bundle.folder if use_lm and has_lm(self.bundle.folder) else None,
+            cfg.intent_temperature,
         )
         self.threads = threads
         self.encoder = make_session(self.bundle.encoder, threads)
-        self.decoder = make_session(self.bundle.decoder, threads)
+        self.decoder = (make_session(self.bundle.decoder, threads)
+                        if self.bundle.decoder is not None else None)
 
     @property
     def version(self) -> str:
@@ -84,20 +86,23 @@ class OnnxSLUPredictor(BatchPredictor):
              "lengths": lengths.numpy().astype(np.int64, copy=False)},
         )
         k = self.config.model.ctc_upsample
-        limit = min(self.max_parse_len, self.config.model.max_parse_len)
-
-        def step(tokens: Tensor) -> Tensor:
-            (logits,) = self.decoder.run(["logits"], {
-                "tokens": tokens.numpy(), "encoder": encoder, "encoder_lengths": enc_lengths})
-            return torch.from_numpy(logits)
-
         transcripts = self._transcribe(
             torch.from_numpy(ctc_logits), torch.from_numpy(enc_lengths) * k)
-        parses, _ = greedy_parse_steps(step, feats.size(0), limit,
-                                       self._allowed_tokens(transcripts))
+        parses = None
+        if self.decoder is not None:
+            decoder = self.decoder
+            limit = min(self.max_parse_len, self.config.model.max_parse_len)
+
+            def step(tokens: Tensor) -> Tensor:
+                (logits,) = decoder.run(["logits"], {
+                    "tokens": tokens.numpy(), "encoder": encoder, "encoder_lengths": enc_lengths})
+                return torch.from_numpy(logits)
+
+            parses, _ = greedy_parse_steps(step, feats.size(0), limit,
+                                           self._allowed_tokens(transcripts))
         return BatchOutput(
             transcripts=transcripts,
-            intent_probs=torch.softmax(torch.from_numpy(intent_logits).float(), dim=-1),
+            intent_logits=torch.from_numpy(intent_logits).float(),
             parses=parses,
         )
 

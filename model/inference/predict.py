@@ -1,7 +1,8 @@
 """Batch prediction over a JSON Lines manifest (the ``voiceloop predict`` contract).
 
 The model may be a torch package folder, an ONNX deploy bundle, an MLflow pyfunc model
-folder, or an MLflow URI resolving to any of these (see ``model.inference.onnx.load_predictor``).
+folder (see ``model.inference.onnx.load_predictor``); the stage layer resolves MLflow URIs
+to such folders.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _read_inputs(manifest: Path) -> list[tuple[str, Path | None, str | None]]:
 
 def predict_manifest(
     settings: Settings,
-    model_uri: str,
+    model_dir: Path,
     manifest: Path,
     out: Path,
     batch_size: int = 16,
@@ -67,10 +68,9 @@ def predict_manifest(
     import torch
 
     from model.inference.onnx import load_predictor
-    from voiceloop.tracking import resolve_model_uri
 
     predictor = load_predictor(
-        resolve_model_uri(model_uri, settings), batch_size=batch_size,
+        model_dir, batch_size=batch_size,
         max_parse_len=settings.decode.max_parse_len, threads=torch.get_num_threads(),
         use_lm=settings.decode.lm.enabled if use_lm is None else use_lm,
     )

@@ -18,7 +18,8 @@ Pipeline per stream, all incremental::
     end of speech ─► intent head + parse decoder over all encoder frames ─► Decoded
 
 Per-utterance feature normalisation needs the whole utterance, so a streaming model uses
-``normalise="global"`` (fixed statistics from training data).
+``normalise="global"`` (fixed statistics from training data) or ``normalise="causal"`` (a
+running per-utterance mean, kept across calls).
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from torch import Tensor
 
 from model.decoding.beam import BeamTranscriber
 from model.decoding.greedy import greedy_parse, value_mask
-from model.frontend.features import FeatureExtractor
+from model.frontend.features import FeatureExtractor, causal_normalise
 from model.inference.batch import Decoded
 from model.nn.network import JointModel, chunk_attention_mask, sinusoids
 from model.nn.package import ModelPackage
+from model.nn.tokens import split_tagged
 
 __all__ = [
     "PartialResult",
@@ -53,15 +55,23 @@ class StreamingFeatures:
     emitted once those samples have all arrived (reflection padding only touches the
     edges, so earlier frames are final). ``finish`` emits the last frames, whose windows
     reach past the end of the audio.
+
+    ``normalise='causal'`` keeps the running per-bin sum of the raw frames emitted so far
+    (and their count), so each new frame is normalised exactly as
+    ``normalise_features`` does on the whole utterance.
     """
 
     def __init__(self, extractor: FeatureExtractor) -> None:
         if extractor.cfg.normalise == "utterance":
-            raise ValueError("streaming needs causal features: normalise='global' or 'none'")
+            raise ValueError(
+                "streaming needs causal features: normalise='global', 'causal' or 'none', "
+                "got 'utterance'")
         self.extractor = extractor
         self._chunks: list[np.ndarray] = []
         self.samples = 0
         self.emitted = 0
+        # Causal normalisation state: per-bin sum of the `emitted` raw frames (float64).
+        self._raw_sum = torch.zeros(extractor.cfg.n_mels, dtype=torch.float64)
 
     def _audio(self) -> np.ndarray:
         if len(self._chunks) > 1:
@@ -91,7 +101,15 @@ class StreamingFeatures:
         hop = self.extractor.hop
         margin = -(-(self.extractor.n_fft // 2) // hop)
         first = max(0, self.emitted - margin)
-        feats = self.extractor(self._audio()[first * hop :])[self.emitted - first : upto - first]
+        tail = self._audio()[first * hop :]
+        cfg = self.extractor.cfg
+        if cfg.normalise == "causal":
+            # The extractor would restart the running mean at the slice; continue it.
+            raw = self.extractor.raw(tail)[self.emitted - first : upto - first]
+            feats = causal_normalise(raw, cfg, self._raw_sum, self.emitted)
+            self._raw_sum += raw.double().sum(0)
+        else:
+            feats = self.extractor(tail)[self.emitted - first : upto - first]
         self.emitted = upto
         return feats
 
@@ -202,9 +220,10 @@ class StreamingSession:
         return self.partial()
 
     def partial(self) -> PartialResult:
+        """The greedy transcript so far (slot tags removed)."""
         rate = self.r.package.features.sample_rate
         return PartialResult(
-            transcript=self.r.package.ctc_vocab.decode(self._ids).strip(),
+            transcript=split_tagged(self.r.package.ctc_vocab.decode(self._ids))[0],
             audio_s=self.features.samples / rate,
             encoder_frames=sum(e.size(0) for e in self._encoded),
         )
@@ -219,17 +238,21 @@ class StreamingSession:
         model = self.r.model
         enc = torch.cat(self._encoded)[None]  # (1, T', D)
         pad = torch.zeros(1, enc.size(1), dtype=torch.bool)
-        probs = torch.softmax(model.intent_head(enc, pad).float(), dim=-1)[0]
-        conf, best = probs.max(dim=-1)
-        transcript, allowed = self.partial().transcript, None
+        logits = model.intent_head(enc, pad).float() / self.r.package.intent_temperature
+        conf, best = torch.softmax(logits, dim=-1)[0].max(dim=-1)
+        vocab = self.r.package.parse_vocab
+        transcript, allowed = self.r.package.ctc_vocab.decode(self._ids), None
         if self.r.transcriber is not None:
             # End of speech: the lexicon + LM beam replaces the greedy partial.
-            logits = torch.cat(self._logits)[None]
-            transcript = self.r.transcriber.decode(logits, torch.tensor([logits.size(1)]))[0]
-            if self.r.transcriber.config.copy_values:
-                allowed = value_mask(self.r.package.parse_vocab, [transcript])
-        parses, _ = greedy_parse(model, enc, pad, self.r.max_parse_len, allowed)
-        parse_intent, slots = self.r.package.parse_vocab.decode(parses[0])
+            ctc = torch.cat(self._logits)[None]
+            transcript = self.r.transcriber.decode(ctc, torch.tensor([ctc.size(1)]))[0]
+        transcript, slots = split_tagged(transcript, vocab.slot_types)
+        parse_intent = vocab.intents[int(best)]
+        if model.parse_decoder is not None:
+            if self.r.transcriber is not None and self.r.transcriber.config.copy_values:
+                allowed = value_mask(vocab, [transcript])
+            parses, _ = greedy_parse(model, enc, pad, self.r.max_parse_len, allowed)
+            parse_intent, slots = vocab.decode(parses[0])
         return Decoded(
             transcript=transcript,
             intent=self.r.package.parse_vocab.intents[int(best)],

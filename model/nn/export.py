@@ -6,10 +6,12 @@
       encoder.onnx   feats (B, T, F) float32, lengths (B,) int64
                        → encoder (B, T', D), encoder_lengths (B,) int64,
                          ctc_logits (B, k·T', C), intent_logits (B, I)
-      decoder.onnx   tokens (B, U) int64, encoder (B, T', D), encoder_lengths (B,) int64
+      decoder.onnx   (models with a parse decoder only) tokens (B, U) int64,
+                     encoder (B, T', D), encoder_lengths (B,) int64
                        → logits (B, P) of the last position only
       config.json    what ``save_package`` writes (model and feature config incl. global
-                     statistics, vocabularies, clarify threshold, metadata) plus an
+                     statistics, vocabularies, clarify threshold, intent temperature,
+                     metadata) plus an
                      ``"onnx"`` section naming the graphs and whether they are int8
 
 B, T, T' and U are dynamic. Greedy parse decoding re-runs ``decoder.onnx`` with a growing
@@ -17,11 +19,13 @@ prefix (no key/value cache: parses are ~10 tokens, the decoder is one or two lay
 
 Both graphs come from ``torch.onnx.export(..., dynamo=True)``. The encoder graph skips the
 eager encoder's data-dependent "utterance too short" check (it cannot be traced); callers
-check lengths first (:func:`model.inference.min_input_frames`). Padding invariance
+check lengths first (:func:`model.nn.network.min_input_frames`). Padding invariance
 survives export: padded frames are masked exactly as in eager mode (tested).
 
 :func:`quantize_bundle` applies ONNX Runtime dynamic quantisation: int8 weights (per output
-channel), uint8 activations quantised on the fly. Each activation tensor gets one scale,
+channel, on ORT's 7-bit ``reduce_range`` grid — :data:`model.nn.qat.WEIGHT_REDUCE_RANGE`
+explains why: without it, x86 CPUs lacking VNNI saturate the u8×s8 products), uint8
+activations quantised on the fly. Each activation tensor gets one scale,
 computed over the whole padded batch, so in an int8 bundle an utterance's numbers depend
 slightly on its batch-mates (exact padding invariance holds for fp32 only; batch size 1
 gives the utterance-alone result).
@@ -50,6 +54,7 @@ from model.nn.network import (
     sinusoids,
 )
 from model.nn.package import LM_DIRNAME, ModelPackage, copy_lm_folder, has_lm, save_package
+from model.nn.qat import WEIGHT_REDUCE_RANGE
 from model.nn.tokens import CTCVocab, ParseVocab, ctc_vocab_from_json
 
 __all__ = [
@@ -103,13 +108,14 @@ class DeployBundle:
 
     Attributes:
         folder: the bundle folder.
-        encoder, decoder, config: paths of ``encoder.onnx``, ``decoder.onnx``, ``config.json``.
+        encoder, decoder, config: paths of ``encoder.onnx``, ``decoder.onnx`` (None for a
+            model without a parse decoder), ``config.json``.
         quantized: the graphs carry int8 weights.
     """
 
     folder: Path
     encoder: Path
-    decoder: Path
+    decoder: Path | None
     config: Path
     quantized: bool
 
@@ -128,6 +134,7 @@ class BundleConfig:
         features: feature settings (incl. global mean/std when used).
         parse_vocab, ctc_vocab: vocabularies.
         clarify_threshold: confidences below it set ``clarify``.
+        intent_temperature: confidences are ``softmax(intent_logits / intent_temperature)``.
         metadata: free-form (``version``, ``role``, …).
         onnx: the ``"onnx"`` section (file names, ``int8``, op types, opset).
     """
@@ -139,6 +146,7 @@ class BundleConfig:
     clarify_threshold: float
     metadata: dict[str, Any] = field(default_factory=dict)
     onnx: dict[str, Any] = field(default_factory=dict)
+    intent_temperature: float = 1.0
 
     @property
     def version(self) -> str:
@@ -180,6 +188,7 @@ def load_bundle_config(folder: Path) -> BundleConfig:
         clarify_threshold=float(config.get("clarify_threshold", 0.0)),
         metadata=dict(config.get("metadata", {})),
         onnx=dict(config["onnx"]),
+        intent_temperature=float(config.get("intent_temperature", 1.0)),
     )
 
 
@@ -189,7 +198,7 @@ def open_bundle(folder: Path) -> DeployBundle:
     return DeployBundle(
         folder=folder,
         encoder=folder / section.get("encoder", ENCODER_FILE),
-        decoder=folder / section.get("decoder", DECODER_FILE),
+        decoder=folder / section["decoder"] if section.get("decoder") else None,
         config=folder / CONFIG_FILE,
         quantized=bool(section.get("int8", False)),
     )
@@ -308,15 +317,17 @@ def export_onnx(package: ModelPackage, out_dir: Path, verify: bool = True,
         _export(_EncoderGraph(model), (feats, lengths), out_dir / ENCODER_FILE,
                 ENCODER_INPUTS, ENCODER_OUTPUTS,
                 {"feats": {0: batch, 1: frames}, "lengths": {0: batch}})
-        enc, enc_lengths, _ = model.encode(feats, lengths)
-        example_tokens = torch.tensor([[ParseVocab.BOS, 4, 5], [ParseVocab.BOS, 6, 7]])
-        _export(_DecoderGraph(model), (example_tokens, enc, enc_lengths), out_dir / DECODER_FILE,
-                DECODER_INPUTS, DECODER_OUTPUTS,
-                {"tokens": {0: batch, 1: tokens}, "encoder": {0: batch, 1: enc_frames},
-                 "encoder_lengths": {0: batch}})
+        if model.parse_decoder is not None:
+            enc, enc_lengths, _ = model.encode(feats, lengths)
+            example_tokens = torch.tensor([[ParseVocab.BOS, 4, 5], [ParseVocab.BOS, 6, 7]])
+            _export(_DecoderGraph(model), (example_tokens, enc, enc_lengths),
+                    out_dir / DECODER_FILE, DECODER_INPUTS, DECODER_OUTPUTS,
+                    {"tokens": {0: batch, 1: tokens}, "encoder": {0: batch, 1: enc_frames},
+                     "encoder_lengths": {0: batch}})
     config = _package_config(package)
     config["onnx"] = {
-        "format": BUNDLE_FORMAT, "encoder": ENCODER_FILE, "decoder": DECODER_FILE,
+        "format": BUNDLE_FORMAT, "encoder": ENCODER_FILE,
+        "decoder": DECODER_FILE if model.parse_decoder is not None else None,
         "int8": False, "opset": OPSET, "exporter": f"torch {torch.__version__} dynamo",
         "encoder_inputs": list(ENCODER_INPUTS), "encoder_outputs": list(ENCODER_OUTPUTS),
         "decoder_inputs": list(DECODER_INPUTS), "decoder_outputs": list(DECODER_OUTPUTS),
@@ -357,17 +368,14 @@ def check_bundle(bundle: DeployBundle, model: JointModel, atol: float = 1e-4,
         feats = torch.randn(2, frames, model.cfg.encoder.n_mels)
         lengths = torch.tensor([frames, max(min_input_frames(model.cfg.encoder.subsampling),
                                             frames // 2)])
-    encoder, decoder = make_session(bundle.encoder), make_session(bundle.decoder)
+    encoder = make_session(bundle.encoder)
     enc_o, len_o, ctc_o, intent_o = encoder.run(
         list(ENCODER_OUTPUTS), {"feats": feats.numpy(), "lengths": lengths.numpy()})
     tokens = torch.tensor([[ParseVocab.BOS, 4, 5], [ParseVocab.BOS, 6, 7]])
-    (logits_o,) = decoder.run(list(DECODER_OUTPUTS), {
-        "tokens": tokens.numpy(), "encoder": enc_o, "encoder_lengths": len_o})
     with torch.no_grad():
         enc, enc_lengths, pad = model.encode(feats, lengths)
         ctc, ctc_lengths = model.ctc(enc, enc_lengths)
         intent = model.intent_head(enc, pad)
-        logits = model.parse_decoder(tokens, enc, pad)[:, -1]
     if not np.array_equal(len_o, enc_lengths.numpy()):
         raise ExportMismatchError(f"encoder lengths {len_o} != {enc_lengths.tolist()}")
     valid = ~pad.numpy()
@@ -376,8 +384,13 @@ def check_bundle(bundle: DeployBundle, model: JointModel, atol: float = 1e-4,
         "encoder": float(np.abs(enc_o - enc.numpy())[valid].max()),
         "ctc_logits": float(np.abs(ctc_o - ctc.numpy())[ctc_valid].max()),
         "intent_logits": float(np.abs(intent_o - intent.numpy()).max()),
-        "decoder": float(np.abs(logits_o - logits.numpy()).max()),
     }
+    if bundle.decoder is not None and model.parse_decoder is not None:
+        (logits_o,) = make_session(bundle.decoder).run(list(DECODER_OUTPUTS), {
+            "tokens": tokens.numpy(), "encoder": enc_o, "encoder_lengths": len_o})
+        with torch.no_grad():
+            logits = model.parse_decoder(tokens, enc, pad)[:, -1]
+        diffs["decoder"] = float(np.abs(logits_o - logits.numpy()).max())
     worst = max(diffs, key=diffs.__getitem__)
     if diffs[worst] > atol:
         raise ExportMismatchError(f"ONNX {worst} differs from torch by {diffs[worst]:.2e} > {atol}")
@@ -401,7 +414,10 @@ def _quantize_graph(src: Path, dst: Path, op_types: Sequence[str], per_channel: 
             str(prepared), str(dst),
             op_types_to_quantize=list(op_types),
             per_channel=per_channel,
-            weight_type=QuantType.QInt8,  # activations: dynamic uint8 (u8s8, VNNI-friendly)
+            # 7-bit weights, the grid model.nn.qat trains and bakes on: keeps the u8s8
+            # kernel exact on AVX2 (vpmaddubsw saturates int16 with 8-bit weights).
+            reduce_range=WEIGHT_REDUCE_RANGE,
+            weight_type=QuantType.QInt8,  # activations: dynamic uint8 (u8s8)
             extra_options={"MatMulConstBOnly": True},  # weights only, not activation × activation
         )
 
@@ -409,6 +425,10 @@ def _quantize_graph(src: Path, dst: Path, op_types: Sequence[str], per_channel: 
 def quantize_bundle(src: Path, dst: Path, per_channel: bool = True,
                     op_types: Sequence[str] = DEFAULT_INT8_OP_TYPES) -> DeployBundle:
     """Dynamic int8 quantisation of both graphs of bundle ``src`` into ``dst`` (created).
+
+    Weights go on the same 7-bit grid (|q| <= 64) that :mod:`model.nn.qat` trains and bakes
+    on (:data:`model.nn.qat.WEIGHT_REDUCE_RANGE`), so a baked QAT model is reproduced bit
+    for bit and its int8 graph computes what QAT trained on any x86 CPU, VNNI or not.
 
     Args:
         src: an fp32 bundle folder.
@@ -427,11 +447,14 @@ def quantize_bundle(src: Path, dst: Path, per_channel: bool = True,
         raise ValueError("quantize_bundle needs a destination other than its source")
     dst.mkdir(parents=True, exist_ok=True)
     _quantize_graph(source.encoder, dst / ENCODER_FILE, op_types, per_channel)
-    _quantize_graph(source.decoder, dst / DECODER_FILE, op_types, per_channel)
+    if source.decoder is not None:
+        _quantize_graph(source.decoder, dst / DECODER_FILE, op_types, per_channel)
     config = _read_config(src)
     config["onnx"].update({
-        "encoder": ENCODER_FILE, "decoder": DECODER_FILE, "int8": True,
+        "encoder": ENCODER_FILE, "decoder": DECODER_FILE if source.decoder is not None else None,
+        "int8": True,
         "quantization": {"method": "onnxruntime.quantize_dynamic", "weights": "int8",
+                         "reduce_range": WEIGHT_REDUCE_RANGE,
                          "activations": "uint8 dynamic", "per_channel": per_channel,
                          "op_types": list(op_types)},
     })

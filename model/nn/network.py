@@ -56,6 +56,10 @@ class EncoderConfig:
         causal_conv: depthwise convolutions see only the past (for streaming).
         pos_enc: add sinusoidal absolute positions after the front end, so attention
             can tell near frames from far ones from the first step of training.
+        frontend_channels: channels of the convolutional front end (its cost grows with
+            their square at a quarter of the input frame rate).
+        inter_ctc_layer: also return the output of this block (1-based) for an
+            intermediate CTC loss (Lee & Watanabe 2021), or 0 for none.
     """
 
     n_mels: int = 80
@@ -68,8 +72,13 @@ class EncoderConfig:
     dropout: float = 0.1
     causal_conv: bool = False
     pos_enc: bool = True
+    frontend_channels: int = 32
+    inter_ctc_layer: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.inter_ctc_layer < max(1, self.layers):
+            raise ValueError(
+                f"inter_ctc_layer must lie in [0, {self.layers - 1}], got {self.inter_ctc_layer}")
         if self.d_model % self.heads:
             raise ValueError(f"d_model {self.d_model} not divisible by heads {self.heads}")
         if self.conv_kernel % 2 == 0:
@@ -87,7 +96,8 @@ class ModelConfig:
         n_chars: CTC vocabulary size C (blank included): characters or words.
         n_intents: number of intents I.
         n_parse_tokens: parse-decoder vocabulary size P.
-        decoder_layers: Transformer decoder layers.
+        decoder_layers: Transformer decoder layers; 0 = no parse decoder (the slots are
+            read off a tagged CTC transcript instead).
         decoder_heads: decoder attention heads.
         decoder_ffn: decoder feed-forward width.
         max_parse_len: longest parse sequence U the decoder's positions cover.
@@ -351,13 +361,22 @@ class ConformerEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.subsampling = ConvSubsampling(cfg.n_mels, cfg.d_model, cfg.subsampling)
+        self.subsampling = ConvSubsampling(cfg.n_mels, cfg.d_model, cfg.subsampling,
+                                           cfg.frontend_channels)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(ConformerBlock(cfg) for _ in range(cfg.layers))
 
     def forward(
         self, feats: Tensor, lengths: Tensor, attn_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
+        enc, enc_lengths, _ = self.forward_with_intermediate(feats, lengths, attn_mask)
+        return enc, enc_lengths
+
+    def forward_with_intermediate(
+        self, feats: Tensor, lengths: Tensor, attn_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """As :meth:`forward`, plus the output ``(B, T', D)`` of block ``inter_ctc_layer``
+        (None when that is 0)."""
         if feats.dim() != 3 or feats.size(-1) != self.cfg.n_mels:
             raise ValueError(f"feats must be (B, T, {self.cfg.n_mels}), got {tuple(feats.shape)}")
         x, out_lengths = self.subsampling(feats, lengths)
@@ -367,9 +386,12 @@ class ConformerEncoder(nn.Module):
             x = x + sinusoids(x.size(1), x.size(2)).to(x.dtype)
         pad_mask = lengths_to_padding_mask(out_lengths, x.size(1))
         x = self.dropout(x).masked_fill(pad_mask[..., None], 0.0)
-        for block in self.blocks:
+        inter: Tensor | None = None
+        for i, block in enumerate(self.blocks, start=1):
             x = block(x, pad_mask, attn_mask)
-        return x.masked_fill(pad_mask[..., None], 0.0), out_lengths
+            if i == self.cfg.inter_ctc_layer:
+                inter = x.masked_fill(pad_mask[..., None], 0.0)
+        return x.masked_fill(pad_mask[..., None], 0.0), out_lengths, inter
 
 
 class IntentHead(nn.Module):
@@ -425,6 +447,10 @@ class ParseDecoder(nn.Module):
         self.decoder = nn.TransformerDecoder(layer, cfg.decoder_layers, norm=nn.LayerNorm(d))
         self.out = nn.Linear(d, cfg.n_parse_tokens)
         self.scale = math.sqrt(d)
+        # Unit-variance token inputs after the √d scale, like the positions: nn.Embedding's
+        # std-1 init times √d made the token embedding dominate the residual stream of
+        # this pre-norm decoder, damping cross-attention (the path from audio to values).
+        nn.init.normal_(self.embed.weight, std=d**-0.5)
 
     def forward(
         self,
@@ -455,7 +481,10 @@ class JointOutput:
         ctc_logits: ``(B, k·T', C)`` character logits, ``k = ctc_upsample``.
         ctc_lengths: ``(B,)`` valid CTC frames, ``k ×`` the encoder lengths.
         intent_logits: ``(B, I)``.
-        parse_logits: ``(B, U, P)`` or None when no parse input was given.
+        parse_logits: ``(B, U, P)`` or None when no parse input was given (or the model
+            has no parse decoder).
+        inter_ctc_logits: ``(B, k·T', C)`` CTC logits of the intermediate block (same
+            head), only in training mode with ``inter_ctc_layer`` set; else None.
     """
 
     encoder: Tensor
@@ -464,6 +493,7 @@ class JointOutput:
     ctc_lengths: Tensor
     intent_logits: Tensor
     parse_logits: Tensor | None
+    inter_ctc_logits: Tensor | None = None
 
 
 class JointModel(nn.Module):
@@ -476,7 +506,7 @@ class JointModel(nn.Module):
         self.encoder = ConformerEncoder(cfg.encoder)
         self.ctc_head = nn.Linear(d, cfg.n_chars * cfg.ctc_upsample)
         self.intent_head = IntentHead(d, cfg.n_intents, cfg.encoder.dropout)
-        self.parse_decoder = ParseDecoder(cfg)
+        self.parse_decoder = ParseDecoder(cfg) if cfg.decoder_layers > 0 else None
 
     def encode(
         self, feats: Tensor, lengths: Tensor, attn_mask: Tensor | None = None
@@ -509,11 +539,14 @@ class JointModel(nn.Module):
             attn_mask: ``(T', T')`` encoder attention mask (True = blocked), e.g. the
                 chunk mask of streaming training (``model.inference.streaming.chunk_attention_mask``).
         """
-        enc, enc_lengths, pad = self.encode(feats, lengths, attn_mask)
+        enc, enc_lengths, inter = self.encoder.forward_with_intermediate(feats, lengths, attn_mask)
+        pad = lengths_to_padding_mask(enc_lengths, enc.size(1))
         parse_logits = (
-            self.parse_decoder(parse_in, enc, pad, parse_pad_mask) if parse_in is not None else None
+            self.parse_decoder(parse_in, enc, pad, parse_pad_mask)
+            if parse_in is not None and self.parse_decoder is not None else None
         )
         ctc_logits, ctc_lengths = self.ctc(enc, enc_lengths)
+        inter_logits = self.ctc(inter, enc_lengths)[0] if inter is not None and self.training else None
         return JointOutput(
             encoder=enc,
             encoder_lengths=enc_lengths,
@@ -521,6 +554,7 @@ class JointModel(nn.Module):
             ctc_lengths=ctc_lengths,
             intent_logits=self.intent_head(enc, pad),
             parse_logits=parse_logits,
+            inter_ctc_logits=inter_logits,
         )
 
     def num_parameters(self) -> int:

@@ -65,6 +65,9 @@ class ModelPackage:
     ctc_vocab: CTCVocab = field(default_factory=CharVocab)
     # The transcript LM folder (``model.decoding.beam``) that travels with the model, if any.
     lm_dir: Path | None = None
+    # Intent confidence = softmax(logits / intent_temperature): temperature scaling fitted
+    # on held-out-voice validation data (1.0 = uncalibrated).
+    intent_temperature: float = 1.0
 
     @property
     def version(self) -> str:
@@ -82,6 +85,7 @@ def save_package(package: ModelPackage, folder: Path) -> Path:
         "parse_vocab": package.parse_vocab.to_json(),
         "ctc_vocab": package.ctc_vocab.to_json(),
         "clarify_threshold": package.clarify_threshold,
+        "intent_temperature": package.intent_temperature,
         "metadata": package.metadata,
     }
     tmp = folder / (_WEIGHTS + ".tmp")
@@ -120,5 +124,6 @@ def load_package(folder: Path) -> ModelPackage:
         metadata=dict(config.get("metadata", {})),
         ctc_vocab=ctc_vocab_from_json(config.get("ctc_vocab")),
         lm_dir=folder / LM_DIRNAME if has_lm(folder) else None,
+        intent_temperature=float(config.get("intent_temperature", 1.0)),
     )
 

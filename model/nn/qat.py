@@ -1,7 +1,8 @@
 """Quantisation-aware training that mirrors ONNX Runtime's dynamic int8 deployment path.
 
 The student is deployed by exporting it to ONNX and running
-``onnxruntime.quantization.quantize_dynamic(per_channel=True, weight_type=QInt8)``. Every
+``onnxruntime.quantization.quantize_dynamic(per_channel=True, reduce_range=True,
+weight_type=QInt8)`` (:func:`model.nn.export.quantize_bundle`). Every
 ``MatMul`` with a constant weight then becomes ``DynamicQuantizeLinear`` on its input
 activation + ``MatMulInteger`` against an int8 weight (the bias ``Add`` stays float). This
 module fake-quantises exactly those two tensors during training, with ONNX Runtime's own
@@ -12,17 +13,21 @@ spec / ORT's CPU ``GetQuantizationParameter``):
 
 * **Weights** — int8, symmetric, one scale per output channel (ORT quantises the MatMul's
   ``B = Wᵀ`` of shape ``(in, out)`` along its last axis, i.e. per row of the torch weight
-  ``(out, in)``). Symmetric int8 uses the *restricted* range ``[-127, 127]``
-  (``ONNX_INT_TYPE_SYMMETRIC_RANGE``), zero point 0, and
-  ``scale = float32(float64(max|w_row|) / 127)`` (ORT divides in float64, stores float32);
-  an all-zero row gets scale 1. ``reduce_range=True`` mirrors ORT's 7-bit option:
-  range ``[-64, 64]``, ``scale = max|w_row| / 64``. Values are rounded half to even.
+  ``(out, in)``), zero point 0, on ORT's *reduced* 7-bit grid (:data:`WEIGHT_REDUCE_RANGE`):
+  range ``[-64, 64]`` (``ONNX_INT_TYPE_REDUCED_RANGE``) and
+  ``scale = float32(float64(max|w_row|) / 64)`` (``compute_scale_zp``: ``2·absmax / (64 -
+  (-64))``, divided in float64, stored float32); an all-zero row gets scale 1. Values are
+  rounded half to even. ``reduce_range=False`` gives the full symmetric int8 grid instead:
+  ``[-127, 127]`` (``ONNX_INT_TYPE_SYMMETRIC_RANGE``), ``scale = max|w_row| / 127``.
 * **Activations** — the input of every quantised matmul, uint8, asymmetric, per tensor,
   range taken from the current input and widened to include 0 (``DynamicQuantizeLinear``):
   ``scale = (max(x, 0) - min(x, 0)) / 255`` (float32; 1 when the range is empty),
   ``zero_point = round_half_even(clamp(-min(x, 0) / scale, 0, 255))``. The range spans
   the whole tensor, so a training batch shares one range; ``per_sample_activations=True``
   gives each batch item its own (what a deployment serving one utterance at a time sees).
+  ``reduce_range`` does not touch activations: ORT quantises them with
+  ``quantize_activation(reduce_range=False)`` into a ``DynamicQuantizeLinear`` node, whose
+  output is always the full uint8 ``[0, 255]``.
 
 What is quantised (shapes for the JointModel, ``D = d_model``): every ``nn.Linear`` — the
 conv front end's projection ``(D, 32·F')``, each Conformer block's feed-forward
@@ -58,7 +63,8 @@ newer but its converted models run slowly in eager mode on this CPU (project not
 training sees the very rounding the deployed graph applies, and :meth:`QATHandle.strip`
 with ``bake=True`` leaves every weight *on* its int8 grid, so ``quantize_dynamic``
 reproduces the trained weights exactly (tested bit for bit on an exported graph, whose
-int8 output then matches the QAT forward pass to float rounding).
+int8 output then matches the QAT forward pass to float rounding — on any x86 CPU, thanks
+to :data:`WEIGHT_REDUCE_RANGE`).
 
 bf16 autocast: the fake-quant ops run in float32 (inputs are cast up and the result cast
 back to the input dtype). Checkpoints: a prepared model's ``state_dict`` names weights
@@ -69,7 +75,7 @@ Usage::
 
     qat = prepare_qat(student)          # after loading the float weights
     ...train as usual (the optimizer keeps the same Parameter objects)...
-    qat.strip(bake=True)                # weights now on the int8 grid; export → quantize_dynamic
+    qat.strip(bake=True)                # weights now on the 7-bit grid; export → quantize_bundle
 """
 
 from __future__ import annotations
@@ -86,6 +92,8 @@ from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 __all__ = [
+    "WEIGHT_QMAX",
+    "WEIGHT_REDUCE_RANGE",
     "DynamicActivationFakeQuant",
     "QATHandle",
     "WeightFakeQuant",
@@ -103,13 +111,33 @@ _ACT_LINEAR = "activation_fake_quant"
 _ACT_MHA = ("query_fake_quant", "key_fake_quant", "value_fake_quant")
 
 
+#: Weights on ORT's reduced 7-bit grid (``quantize_dynamic(reduce_range=True)``): the one
+#: setting shared by QAT, baking and :func:`model.nn.export.quantize_bundle`. Why: ORT's
+#: u8 (activation) × s8 (weight) ``MatMulInteger`` kernel on x86 CPUs *without* VNNI (AVX2,
+#: AVX512 without VNNI) multiplies with ``vpmaddubsw``, which adds each pair of products in
+#: int16 and saturates: full-range weights reach 255·127·2 = 64770 > 32767, so the
+#: deployed graph stops computing what QAT trained (measured here, AMD EPYC with AVX2:
+#: ORT's output was as far from the QAT model as from the float model). With 7-bit weights
+#: (|q| <= 64) a pair stays within 255·64·2 = 32640 <= 32767, exact on every CPU. This is
+#: ORT's documented remedy (onnxruntime.ai/docs/performance/model-optimizations/
+#: quantization.html, "When to use reduce-range and per-channel quantization?": reduce-range
+#: quantises weights to 7 bits for U8S8 on AVX2/AVX512 non-VNNI machines to mitigate
+#: saturation). The cost is one bit of weight precision, which QAT trains for.
+WEIGHT_REDUCE_RANGE = True
+
+
 def _weight_qmax(reduce_range: bool) -> int:
-    # ORT: symmetric int8 → [-127, 127]; reduce_range int8 → [-64, 64].
+    # ORT: symmetric int8 → [-127, 127]; reduce_range int8 → [-64, 64]
+    # (ONNX_INT_TYPE_SYMMETRIC_RANGE / ONNX_INT_TYPE_REDUCED_RANGE in quant_utils.py).
     return 64 if reduce_range else 127
 
 
+#: Largest |q| of a deployed int8 weight (64 with :data:`WEIGHT_REDUCE_RANGE`).
+WEIGHT_QMAX = _weight_qmax(WEIGHT_REDUCE_RANGE)
+
+
 def ort_weight_scale(
-    weight: Tensor, per_channel: bool = True, reduce_range: bool = False
+    weight: Tensor, per_channel: bool = True, reduce_range: bool = WEIGHT_REDUCE_RANGE
 ) -> Tensor:
     """The float32 scale(s) ORT's ``quantize_dynamic`` gives a 2-D weight ``(out, in)``.
 
@@ -135,10 +163,12 @@ class WeightFakeQuant(nn.Module):
     Args:
         channels: output channels (rows) of the weight.
         per_channel: one scale per row (else one per tensor).
-        reduce_range: ORT's 7-bit weights (range ``[-64, 64]``).
+        reduce_range: ORT's 7-bit weights (range ``[-64, 64]``, the default, see
+            :data:`WEIGHT_REDUCE_RANGE`); False: full int8 ``[-127, 127]``.
     """
 
-    def __init__(self, channels: int, per_channel: bool = True, reduce_range: bool = False) -> None:
+    def __init__(self, channels: int, per_channel: bool = True,
+                 reduce_range: bool = WEIGHT_REDUCE_RANGE) -> None:
         super().__init__()
         self.enabled = True
         self.per_channel = per_channel
@@ -377,7 +407,7 @@ def prepare_qat(
     skip: Callable[[str, nn.Module], bool] | None = None,
     *,
     per_channel: bool = True,
-    reduce_range: bool = False,
+    reduce_range: bool = WEIGHT_REDUCE_RANGE,
     per_sample_activations: bool = False,
 ) -> QATHandle:
     """Insert ORT-style fake quantisation into every ``nn.Linear`` and ``nn.MultiheadAttention``.
@@ -390,7 +420,8 @@ def prepare_qat(
         skip: ``skip(name, module)`` True leaves that module float. Skipping an attention
             module also leaves its ``out_proj`` float (the two are one unit).
         per_channel: weights per output channel, as ``quantize_dynamic(per_channel=True)``.
-        reduce_range: 7-bit weights, as ``quantize_dynamic(reduce_range=True)``.
+        reduce_range: 7-bit weights, as ``quantize_dynamic(reduce_range=True)`` (default
+            :data:`WEIGHT_REDUCE_RANGE`, what :func:`model.nn.export.quantize_bundle` uses).
         per_sample_activations: one activation range per batch item (deployment on one
             utterance at a time) instead of one per batch tensor.
 
@@ -465,7 +496,7 @@ def int8_weight_grid_error(
     model: nn.Module,
     names: Iterable[str] | None = None,
     per_channel: bool = True,
-    reduce_range: bool = False,
+    reduce_range: bool = WEIGHT_REDUCE_RANGE,
 ) -> float:
     """Largest distance of a weight to ORT's int8 grid, in quantisation steps (LSB).
 

@@ -1,6 +1,14 @@
-"""Vocabularies: characters for the CTC head, intents, and parse tokens for the decoder.
+"""Vocabularies: CTC units (characters, tagged characters or words), intents, and parse
+tokens for the optional parse decoder.
 
-The parse of an utterance is the token sequence
+**Tagged transcripts** carry the slots inside the transcript: ``turn on the <area> kitchen
+</> lights``: an opening tag per slot type before the value's words and one closing tag
+``</>`` after them. A CTC head over :class:`TaggedCharVocab` spells such transcripts, so
+the slots are read off the (LM-beam) transcript and are verbatim spans of it by
+construction; :func:`tag_transcript` builds the training targets from a manifest row and
+:func:`split_tagged` reads a decoded string back into transcript and slots.
+
+The parse of an utterance (decoder models) is the token sequence
 ``[HassLightSet] [area] kitchen [brightness] fifty <eos>``: one intent token, then per
 slot a slot-type token followed by the value's words. Its readable form is
 ``HassLightSet | area = kitchen | brightness = fifty``.
@@ -16,14 +24,114 @@ from model.data.manifest import Slot
 from model.data.textnorm import spell_number
 
 __all__ = [
+    "CLOSE_TAG",
     "CTCVocab",
     "CharVocab",
     "ParseVocab",
+    "TaggedCharVocab",
     "WordVocab",
     "ctc_vocab_from_json",
     "format_parse",
+    "is_tag",
     "number_words",
+    "open_tag",
+    "split_tagged",
+    "tag_transcript",
 ]
+
+CLOSE_TAG = "</>"
+
+
+def open_tag(slot_type: str) -> str:
+    """The tag word that opens a slot of ``slot_type``: ``<area>``."""
+    return f"<{slot_type}>"
+
+
+def is_tag(word: str) -> bool:
+    """True for a slot tag word (``<area>`` or ``</>``)."""
+    return len(word) > 2 and word[0] == "<" and word[-1] == ">"
+
+
+def tag_transcript(transcript: str, slots: Sequence[Slot]) -> tuple[str, int]:
+    """Insert slot tags around each slot value's words in ``transcript``.
+
+    Each value is looked for as a contiguous run of whole words, first after the previous
+    slot's span (slots are listed in spoken order), then anywhere not yet tagged. A value
+    that is not a verbatim span (rare: the grammar speaks values as written) stays
+    untagged.
+
+    Returns:
+        The tagged transcript and the number of slots that could not be placed.
+    """
+    words = transcript.split()
+    taken = [False] * len(words)
+    spans: dict[int, tuple[int, str]] = {}  # start -> (end, type)
+    missed, cursor = 0, 0
+
+    def find(value: list[str], start: int) -> int | None:
+        n = len(value)
+        for i in range(start, len(words) - n + 1):
+            if words[i : i + n] == value and not any(taken[i : i + n]):
+                return i
+        return None
+
+    for slot in slots:
+        value = slot.value.split()
+        at = find(value, cursor) if value else None
+        if at is None and value:
+            at = find(value, 0)
+        if at is None:
+            missed += 1
+            continue
+        end = at + len(value)
+        taken[at:end] = [True] * len(value)
+        spans[at] = (end, slot.type)
+        cursor = end
+    out: list[str] = []
+    close_at: int | None = None
+    for i, word in enumerate(words):
+        if close_at == i:
+            out.append(CLOSE_TAG)
+            close_at = None
+        if i in spans:
+            close_at, slot_type = spans[i]
+            out.append(open_tag(slot_type))
+        out.append(word)
+    if close_at is not None:
+        out.append(CLOSE_TAG)
+    return " ".join(out), missed
+
+
+def split_tagged(text: str, slot_types: Iterable[str] | None = None) -> tuple[str, list[Slot]]:
+    """A tagged transcript → (plain transcript, slots).
+
+    Read leniently, because a decoder may emit tags imperfectly: a slot runs from its
+    opening tag to the next tag or the end; a closing tag without an open slot, a slot
+    with no words and (with ``slot_types``) an unknown slot type are dropped.
+    """
+    known = None if slot_types is None else set(slot_types)
+    words: list[str] = []
+    slots: list[Slot] = []
+    current: str | None = None
+    value: list[str] = []
+
+    def close() -> None:
+        if current is not None and value:
+            slots.append(Slot(type=current, value=" ".join(value)))
+
+    for word in text.split():
+        if is_tag(word):
+            close()
+            current, value = None, []
+            if word != CLOSE_TAG:
+                name = word[1:-1]
+                current = name if known is None or name in known else None
+            continue
+        words.append(word)
+        if current is not None:
+            value.append(word)
+    close()
+    return " ".join(words), slots
 
 
 class CharVocab:
@@ -47,6 +155,71 @@ class CharVocab:
 
     def to_json(self) -> dict[str, object]:
         return {"units": "char"}
+
+    def target_text(self, transcript: str, slots: Sequence[Slot]) -> str:
+        """What the CTC head spells for an utterance: its transcript."""
+        return transcript
+
+
+@dataclass(frozen=True)
+class TaggedCharVocab:
+    """Characters plus slot tags: ``<blank>`` 0, space, apostrophe, ``a``–``z``, then one
+    opening tag per slot type (sorted) and the closing tag ``</>``.
+
+    The CTC head spells tagged transcripts (see the module docstring); a tag is one CTC
+    unit, written as a word of its own in text.
+    """
+
+    slot_types: tuple[str, ...]
+    blank = 0
+
+    @property
+    def symbols(self) -> tuple[str, ...]:
+        return (*CharVocab.symbols, *(open_tag(t) for t in self.slot_types), CLOSE_TAG)
+
+    def __len__(self) -> int:
+        return len(CharVocab.symbols) + len(self.slot_types) + 1
+
+    def _index(self) -> dict[str, int]:
+        cached = self.__dict__.get("_index_cache")
+        if cached is None:
+            cached = {s: i for i, s in enumerate(self.symbols)}
+            object.__setattr__(self, "_index_cache", cached)
+        return cached
+
+    def encode(self, text: str) -> list[int]:
+        """A tagged transcript → unit ids; unknown tags and characters are dropped."""
+        index = self._index()
+        ids: list[int] = []
+        for word in text.split():
+            if ids:
+                ids.append(index[" "])
+            if is_tag(word):
+                if word in index:
+                    ids.append(index[word])
+                elif ids:
+                    ids.pop()  # no double space for a dropped tag
+                continue
+            ids.extend(index[c] for c in word if c in index and c != "<blank>")
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Unit ids → a tagged transcript (tags as separate words, single spaces)."""
+        symbols = self.symbols
+        parts = []
+        for i in ids:
+            if i == self.blank or i >= len(symbols):
+                continue
+            s = symbols[i]
+            parts.append(f" {s} " if is_tag(s) else s)
+        return " ".join("".join(parts).split())
+
+    def target_text(self, transcript: str, slots: Sequence[Slot]) -> str:
+        """What the CTC head spells for an utterance: its tagged transcript."""
+        return tag_transcript(transcript, slots)[0]
+
+    def to_json(self) -> dict[str, object]:
+        return {"units": "tagged", "slot_types": list(self.slot_types)}
 
 
 @dataclass(frozen=True)
@@ -87,8 +260,12 @@ class WordVocab:
     def to_json(self) -> dict[str, object]:
         return {"units": "word", "words": list(self.words)}
 
+    def target_text(self, transcript: str, slots: Sequence[Slot]) -> str:
+        """What the CTC head spells for an utterance: its transcript."""
+        return transcript
 
-CTCVocab = CharVocab | WordVocab
+
+CTCVocab = CharVocab | TaggedCharVocab | WordVocab
 
 
 def ctc_vocab_from_json(data: dict | None) -> CTCVocab:
@@ -97,6 +274,8 @@ def ctc_vocab_from_json(data: dict | None) -> CTCVocab:
         return CharVocab()
     if data.get("units") == "word":
         return WordVocab(tuple(data["words"]))
+    if data.get("units") == "tagged":
+        return TaggedCharVocab(tuple(data["slot_types"]))
     raise ValueError(f"unknown CTC units {data.get('units')!r}")
 
 

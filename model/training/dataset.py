@@ -6,7 +6,7 @@ The features themselves come from ``model.frontend.cache``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,7 +71,8 @@ class SLUDataset:
             raise ValueError(f"intents not in the vocabulary: {unknown}")
         self.rows = list(rows)
         self.feats = list(feats)
-        self.ctc_targets = [ctc_vocab.encode(r.transcript) for r in rows]
+        self.ctc_targets = [ctc_vocab.encode(ctc_vocab.target_text(r.transcript, r.slots))
+                            for r in rows]
         self.intents = [intent_index[r.intent] for r in rows]
         self.parses = [parse.encode(r.intent, r.slots) for r in rows]
         self.lengths = np.array([f.shape[0] for f in feats], dtype=np.int64)
@@ -133,18 +134,24 @@ def pad_parses(parses: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
 
 
 def collate(
-    data: SLUDataset, indices: Sequence[int], features: FeatureConfig | None = None
+    data: SLUDataset, indices: Sequence[int], features: FeatureConfig | None = None,
+    warp: Callable[..., Tensor] | None = None, generator: torch.Generator | None = None,
+    time_stretch: bool = True,
 ) -> Batch:
     """Pad the utterances ``indices`` of ``data`` into a :class:`Batch`.
 
     With ``features``, each utterance's stored (raw) features are normalised with it
-    before padding — how distillation feeds one cache of raw log-mels to a teacher and a
-    student that normalise differently.
+    before padding — how one cache of raw log-mels feeds a teacher and a student that
+    normalise differently. With ``warp`` (``model.frontend.warp.FeatureWarp``) each raw
+    utterance is first perturbed (speed / VTLP / tilt, drawn from ``generator``);
+    ``time_stretch=False`` keeps its frame count (distillation's frame-aligned targets).
     """
-    feats = [
-        data.feats[i].float() if features is None else normalise_features(data.feats[i], features)
-        for i in indices
-    ]
+    feats = []
+    for i in indices:
+        f = data.feats[i]
+        if warp is not None:
+            f = warp(f, generator, time_stretch=time_stretch)
+        feats.append(f.float() if features is None else normalise_features(f, features))
     lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.long)
     padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
     chars = [torch.tensor(data.ctc_targets[i], dtype=torch.long) for i in indices]

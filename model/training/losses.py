@@ -21,7 +21,9 @@ __all__ = [
     "parse_loss",
 ]
 
-TASKS: tuple[str, ...] = ("ctc", "intent", "parse")
+TASKS: tuple[str, ...] = ("ctc", "intent", "parse", "inter_ctc")
+"""Loss terms a model may have: a model without a parse decoder or intermediate CTC
+simply produces no such term, and weightings skip the absent ones."""
 
 
 def ctc_loss(
@@ -77,18 +79,23 @@ class UncertaintyWeighting(nn.Module):
 
     def __init__(self, init_weights: dict[str, float]) -> None:
         super().__init__()
-        missing = set(TASKS) - set(init_weights)
+        missing = {"ctc", "intent"} - set(init_weights)
         if missing:
             raise ValueError(f"initial weights missing for {sorted(missing)}")
+        bad = {t: w for t, w in init_weights.items() if w <= 0}
+        if bad:
+            raise ValueError(f"uncertainty weighting needs positive initial weights, got {bad}")
         self.log_vars = nn.ParameterDict(
-            {t: nn.Parameter(torch.tensor(-float(torch.log(torch.tensor(init_weights[t])))))
-             for t in TASKS}
+            {t: nn.Parameter(torch.tensor(-float(torch.log(torch.tensor(w)))))
+             for t, w in init_weights.items()}
         )
 
     def forward(self, losses: dict[str, Tensor], epoch: float = 0.0) -> LossBreakdown:
         total = torch.zeros(())
         weights = {}
         for task, loss in losses.items():
+            if task not in self.log_vars:
+                raise ValueError(f"no weight for loss term {task!r}")
             s = self.log_vars[task]
             total = total + torch.exp(-s) * loss + s
             weights[task] = float(torch.exp(-s).detach())
@@ -110,10 +117,15 @@ class ScheduledWeighting(nn.Module):
 
     def weights_at(self, epoch: float) -> dict[str, float]:
         frac = min(1.0, max(0.0, epoch / self.epochs))
-        return {t: self.start[t] + frac * (self.end[t] - self.start[t]) for t in TASKS}
+        return {t: self.start[t] + frac * (self.end.get(t, self.start[t]) - self.start[t])
+                for t in self.start}
 
     def forward(self, losses: dict[str, Tensor], epoch: float = 0.0) -> LossBreakdown:
-        weights = self.weights_at(epoch)
+        all_weights = self.weights_at(epoch)
+        missing = sorted(set(losses) - set(all_weights))
+        if missing:
+            raise ValueError(f"no weight for loss terms {missing}")
+        weights = {t: all_weights[t] for t in losses}
         total = sum((weights[t] * loss for t, loss in losses.items()), torch.zeros(()))
         return LossBreakdown(total, {t: float(v.detach()) for t, v in losses.items()}, weights)
 

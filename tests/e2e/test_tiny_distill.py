@@ -18,17 +18,16 @@ import soundfile as sf
 import torch
 from mlflow.tracking import MlflowClient
 
-from model.data.corpus import CorpusLayout, build_corpus
+from model.data.corpus import CorpusLayout
 from model.data.manifest import read_manifest
 from model.frontend.audio import load_audio
 from model.frontend.features import FeatureExtractor
 from model.inference.batch import SLUPredictor
-from model.inference.predict import predict_manifest
 from model.inference.streaming import StreamingRecognizer
 from model.nn.package import has_lm, load_package
-from model.training.student import DistillOutcome, StudentLayout, run_distill_stage, train_student
-from model.training.teacher import train_teacher
+from model.training.student import StudentLayout, train_student
 from voiceloop.settings import Settings, load_settings
+from voiceloop.stages import DistillOutcome, corpus_stage, distill_stage, predict_stage, train_stage
 from voiceloop.tracking import mlflow_scope
 
 pytestmark = pytest.mark.e2e
@@ -38,9 +37,9 @@ pytestmark = pytest.mark.e2e
 def distilled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, DistillOutcome]:
     torch.set_num_threads(2)
     settings = load_settings(profile="tiny", workspace=tmp_path_factory.mktemp("ws"))
-    build_corpus(settings, progress=False)
-    train_teacher(settings, progress=False)
-    return settings, run_distill_stage(settings, progress=False)
+    corpus_stage(settings, progress=False)
+    train_stage(settings, progress=False)
+    return settings, distill_stage(settings, progress=False)
 
 
 def test_student_training_runs_qat_and_writes_its_files(
@@ -56,11 +55,11 @@ def test_student_training_runs_qat_and_writes_its_files(
     qat_col = header.index("qat")
     flags = [float(line.split(",")[qat_col]) for line in history[1:]]
     assert flags[0] == 0.0 and flags[-1] == 1.0  # QAT only in the last part
-    for term in ("kd_ctc", "kd_intent", "kd_parse", "ctc", "intent", "parse"):
+    for term in ("kd_ctc", "kd_intent", "ctc", "intent"):  # no parse decoder: tagged CTC
         assert f"train_loss_{term}" in header
     student = load_package(layout.model_dir)
     assert student.metadata["role"] == "student" and student.metadata["qat"] is True
-    assert student.features.normalise == "global"
+    assert student.features.normalise == "causal"
     assert student.model.cfg.encoder.causal_conv
     assert (layout.pre_qat_dir / "weights.pt").exists()
     # deployed bundle: int8 weights, smaller than the float twin
@@ -84,8 +83,8 @@ def test_comparison_and_registration(distilled: tuple[Settings, DistillOutcome])
     assert flat["student_bytes"] < flat["teacher_bytes"]
     client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
     version = client.get_model_version_by_alias(settings.tracking.registered_model, "candidate")
-    assert version.run_id == outcome.result.run_id
-    run = client.get_run(outcome.result.run_id)
+    assert version.run_id == outcome.run_id
+    run = client.get_run(outcome.run_id)
     assert "compare/delta_intent_accuracy" in run.data.metrics
     assert client.get_metric_history(run.info.run_id, "step/loss_kd_ctc")
 
@@ -108,7 +107,7 @@ def test_pyfunc_from_registry_and_predict_cli_path(
     assert records[1].get("error")
     manifest = tmp_path / "in.jsonl"
     manifest.write_text(json.dumps({"id": "a", "audio": "a.wav"}) + "\n")
-    summary = predict_manifest(settings, uri, manifest, tmp_path / "out.jsonl")
+    summary = predict_stage(settings, uri, manifest, tmp_path / "out.jsonl")
     assert (summary.written, summary.errors) == (1, 0)
     line = json.loads((tmp_path / "out.jsonl").read_text())
     assert line["model_version"].startswith("student-tiny")
@@ -149,11 +148,11 @@ def test_student_resumes_in_the_qat_phase(distilled: tuple[Settings, DistillOutc
     settings, outcome = distilled
     layout = StudentLayout(outcome.result.model_dir.parent)
     before = torch.load(layout.last, weights_only=False)
-    assert before["qat_active"]
+    assert before["task"]["qat_active"]
     st = settings.student
     more = settings.model_copy(update={"student": st.model_copy(update={
         "train": st.train.model_copy(update={"epochs": st.train.epochs + 1})})})
-    result = train_student(more, progress=False, track=False)
+    result = train_student(more, progress=False)
     after = torch.load(layout.last, weights_only=False)
-    assert after["epoch"] == before["epoch"] + 1 and after["qat_active"]
+    assert after["epoch"] == before["epoch"] + 1 and after["task"]["qat_active"]
     assert result.epochs_run == st.train.epochs + 1

@@ -15,15 +15,13 @@ import soundfile as sf
 import torch
 from mlflow.tracking import MlflowClient
 
-from model.data.corpus import CorpusLayout, build_corpus
-from model.evaluation.evaluate import evaluate_model
+from model.data.corpus import CorpusLayout
 from model.frontend.cache import load_split
 from model.inference.batch import SLUPredictor
-from model.inference.predict import predict_manifest
 from model.nn.package import has_lm, load_package
-from model.training.fit import TeacherLayout
-from model.training.teacher import train_teacher
+from model.training.fit import RunLayout
 from voiceloop.settings import Settings, load_settings
+from voiceloop.stages import corpus_stage, evaluate_stage, predict_stage, train_stage
 
 pytestmark = pytest.mark.e2e
 
@@ -32,20 +30,21 @@ pytestmark = pytest.mark.e2e
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Path]:
     torch.set_num_threads(2)
     settings = load_settings(profile="tiny", workspace=tmp_path_factory.mktemp("ws"))
-    build_corpus(settings, progress=False)
-    result = train_teacher(settings, progress=False)
+    corpus_stage(settings, progress=False)
+    result = train_stage(settings, progress=False).result
     assert result.epochs_run == settings.train.epochs
     return settings, result.model_dir
 
 
 def test_training_writes_package_metrics_and_mlflow_run(trained: tuple[Settings, Path]) -> None:
     settings, model_dir = trained
-    layout = TeacherLayout(model_dir.parent)
+    layout = RunLayout(model_dir.parent)
     package = load_package(model_dir)
     assert package.metadata["role"] == "teacher"
     assert 0.0 <= package.clarify_threshold <= 1.0
     metrics = json.loads(layout.metrics.read_text())
-    assert {"valid_semer", "valid_wer", "parameters", "wall_minutes"} <= set(metrics)
+    assert {"valid_semer", "valid_wer", "heldout_semer", "parameters", "wall_minutes",
+            "intent_temperature"} <= set(metrics)
     assert layout.curves.stat().st_size > 1000
     history = layout.history.read_text().splitlines()
     assert len(history) == 1 + settings.train.epochs
@@ -54,7 +53,7 @@ def test_training_writes_package_metrics_and_mlflow_run(trained: tuple[Settings,
     run = client.get_run(json.loads(layout.run_file.read_text())["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["model.d_model"] == str(settings.model.d_model)
-    for task in ("ctc", "intent", "parse"):
+    for task in ("ctc", "intent", "inter_ctc"):  # tagged CTC: no parse decoder
         steps = client.get_metric_history(run.info.run_id, f"step/loss_{task}")
         weights = client.get_metric_history(run.info.run_id, f"step/weight_{task}")
         assert steps and weights
@@ -69,8 +68,9 @@ def test_training_attaches_a_tuned_transcript_lm(trained: tuple[Settings, Path])
     tuning = json.loads((model_dir / "lm" / "tuning.json").read_text())
     lm = settings.decode.lm
     assert len(tuning["grid"]) == len(lm.lm_weights) * len(lm.word_scores)
-    assert tuning["beam_wer"] == min(tuning["grid"].values())
-    assert set(tuning["semer"]) == {"true", "false"}
+    # A tagged model's slots come from the beam: its weights are tuned by SemER.
+    assert tuning["criterion"] == "semer"
+    assert tuning["beam_semer"] == min(tuning["grid"].values())
     package = load_package(model_dir)
     assert package.lm_dir == model_dir / "lm"
     # Every word of a beam transcript is a lexicon word (greedy CTC spells freely).
@@ -85,24 +85,28 @@ def test_training_attaches_a_tuned_transcript_lm(trained: tuple[Settings, Path])
 
 def test_resume_continues_from_checkpoint(trained: tuple[Settings, Path]) -> None:
     settings, model_dir = trained
-    layout = TeacherLayout(model_dir.parent)
+    layout = RunLayout(model_dir.parent)
     before = torch.load(layout.last, weights_only=False)
+    run_before = json.loads(layout.run_file.read_text())["run_id"]
     more = settings.model_copy(
         update={"train": settings.train.model_copy(update={"epochs": settings.train.epochs + 1})}
     )
-    result = train_teacher(more, progress=False)
+    outcome = train_stage(more, progress=False)
     after = torch.load(layout.last, weights_only=False)
     assert after["epoch"] == before["epoch"] + 1
     assert after["step"] > before["step"]
     assert len(after["history"]) == len(before["history"]) + 1
-    assert after["run_id"] == before["run_id"]  # same MLflow run continued
-    assert result.epochs_run == settings.train.epochs + 1
+    assert outcome.run_id == run_before  # same MLflow run continued
+    client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
+    epochs = client.get_metric_history(run_before, "valid_semer")
+    assert sorted(m.step for m in epochs) == list(range(settings.train.epochs + 1))
+    assert outcome.result.epochs_run == settings.train.epochs + 1
 
 
 def test_evaluate_writes_reports_and_logs(trained: tuple[Settings, Path]) -> None:
     settings, _ = trained
     uri = f"models:/{settings.tracking.registered_model}-teacher@current"
-    result = evaluate_model(settings, uri, "test", progress=False)
+    result = evaluate_stage(settings, uri, "test", progress=False)
     for name in ("metrics", "evaluation", "markdown", "confusion_matrix", "reliability"):
         assert result.files[name].exists(), name
     flat = json.loads(result.files["metrics"].read_text())
@@ -128,7 +132,7 @@ def test_predict_contract_any_rate_stereo_and_errors(
     manifest = tmp_path / "in.jsonl"
     manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
     out = tmp_path / "out.jsonl"
-    summary = predict_manifest(settings, str(model_dir), manifest, out)
+    summary = predict_stage(settings, str(model_dir), manifest, out)
     assert (summary.read, summary.written, summary.errors) == (4, 4, 3)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in records] == ["a", "b", "c", "line-4"]

@@ -16,11 +16,12 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from model.data.augment import RIRBank, replay
-from model.data.corpus import CorpusLayout, CorpusReport, build_corpus, load_corpus_rows
+from model.data.corpus import CorpusLayout, CorpusReport, load_corpus_rows
 from model.data.manifest import read_manifest, write_manifest
 from model.data.textnorm import is_spoken_form
 from voiceloop.cli import app
 from voiceloop.settings import Settings, load_settings
+from voiceloop.stages import corpus_stage
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.integration
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, CorpusReport]:
     workspace = tmp_path_factory.mktemp("ws")
     settings = load_settings(profile="tiny", workspace=workspace)
-    report = build_corpus(settings, progress=False)
+    report = corpus_stage(settings, progress=False)
     return settings, report
 
 
@@ -41,7 +42,7 @@ def test_tiny_corpus_is_valid_and_balanced(tiny: tuple[Settings, CorpusReport]) 
     assert 20 <= report.written <= 100
     rows = load_corpus_rows(layout)
     assert len(rows) == report.written
-    assert {r.split for r in rows} == {"train", "valid", "test"}
+    assert {r.split for r in rows} == {"train", "valid", "test", "valid_heldout", "test_heldout"}
     for row in rows:
         info = sf.info(row.audio_path(layout.manifests_dir))
         assert info.samplerate == 16000 and info.channels == 1
@@ -55,8 +56,26 @@ def test_no_template_crosses_splits(tiny: tuple[Settings, CorpusReport]) -> None
     settings, _ = tiny
     split_of: dict[str, set[str]] = {}
     for row in load_corpus_rows(CorpusLayout(settings.corpus_dir)):
-        split_of.setdefault(row.template_id, set()).add(row.split)
+        # A held-out-voice split re-speaks its template split's sentences.
+        split_of.setdefault(row.template_id, set()).add(row.split.removesuffix("_heldout"))
     assert all(len(splits) == 1 for splits in split_of.values())
+
+
+def test_heldout_voice_family_never_reaches_training(tiny: tuple[Settings, CorpusReport]) -> None:
+    settings, _ = tiny
+    held = settings.corpus.tts.heldout
+    assert held is not None
+    rows = load_corpus_rows(CorpusLayout(settings.corpus_dir))
+    family = {(held.engine, v) for v in held.voices}
+    heldout = [r for r in rows if r.split.endswith("_heldout")]
+    assert heldout and all((r.engine, r.voice) in family for r in heldout)
+    assert not [r for r in rows if not r.split.endswith("_heldout") and (r.engine, r.voice) in family]
+    # The twins say the very sentences of their template split, so the gap is the voice's.
+    by_id = {r.id: r for r in rows}
+    for r in heldout:
+        twin = by_id.get("u" + r.id[1:])
+        assert twin is not None and twin.transcript == r.transcript
+        assert twin.split == r.split.removesuffix("_heldout")
 
 
 def test_engines_and_augmentation_recorded(tiny: tuple[Settings, CorpusReport]) -> None:
@@ -94,7 +113,7 @@ def test_rebuild_resumes_and_is_deterministic(
     before = {p.name: p.read_bytes() for p in layout.manifests_dir.glob("*.jsonl")}
     victim = min(layout.clean_dir.glob("*.wav"))
     victim.unlink()
-    again = build_corpus(settings, progress=False)
+    again = corpus_stage(settings, progress=False)
     assert again.resumed == first.planned - 1
     assert again.synthesized == 1
     after = {p.name: p.read_bytes() for p in layout.manifests_dir.glob("*.jsonl")}

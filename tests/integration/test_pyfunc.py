@@ -5,6 +5,8 @@ the same URI, on the downloaded pyfunc folder and on the bundle folder.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import subprocess
@@ -21,7 +23,6 @@ import torch
 
 from model.frontend.features import FeatureConfig
 from model.inference.onnx import OnnxSLUPredictor, load_predictor, pyfunc_bundle_dir
-from model.inference.predict import predict_manifest
 from model.inference.prediction import Prediction, read_predictions
 from model.nn.export import DeployBundle, export_onnx, quantize_bundle
 from model.nn.network import EncoderConfig, JointModel, ModelConfig
@@ -29,6 +30,7 @@ from model.nn.package import ModelPackage
 from model.nn.tokens import ParseVocab
 from serving.pyfunc import log_pyfunc, register_pyfunc, wav_base64
 from voiceloop.settings import Settings, load_settings
+from voiceloop.stages import predict_stage
 from voiceloop.tracking import RunLogger, mlflow_scope, resolve_model_uri
 
 pytestmark = pytest.mark.integration
@@ -109,13 +111,16 @@ def test_pyfunc_loads_by_alias_and_returns_contract_dicts(
     assert "cannot read" in out[2]["error"]
     assert "base64" in out[3]["error"]
     assert "neither audio nor audio_base64" in out[5]["error"]
-    # Same answers as running the bundle directly. Confidence only approximately: int8
-    # activations are quantised with one scale per batch tensor, so batch-mates (here the
-    # base64 row) nudge the numbers.
-    direct = OnnxSLUPredictor(bundle.folder).predict_files(["path"], [wav])[0]
-    expected = direct.model_dump(mode="json", exclude_none=True)
-    assert out[0].pop("confidence") == pytest.approx(expected.pop("confidence"), abs=0.01)
-    assert out[0] == expected
+    # Same answers as running the bundle directly on the same batch (int8 activations
+    # are quantised with one scale per batch tensor, so batch-mates nudge the numbers).
+    b64_audio, b64_rate = sf.read(io.BytesIO(base64.b64decode(frame["audio_base64"][1])),
+                                  dtype="float32")
+    direct = OnnxSLUPredictor(bundle.folder).predict_waveforms(
+        ["path", "b64"], [sf.read(wav, dtype="float32")[0], b64_audio], [16000, b64_rate])
+    for got, want in zip(out[:2], direct, strict=True):
+        expected = want.model_dump(mode="json", exclude_none=True)
+        assert got.pop("confidence") == pytest.approx(expected.pop("confidence"), abs=1e-4)
+        assert got == expected
     # The base64 column alone is enough (the logged input example has only it).
     only = loaded.predict(pd.DataFrame({"id": ["x"], "audio_base64": [wav_base64(_wave(1, 200), 16000)]}))
     assert only[0]["id"] == "x" and "error" not in only[0]
@@ -140,7 +145,7 @@ def test_voiceloop_predict_accepts_models_uri_pyfunc_folder_and_bundle(
     results = {}
     for label, model_ref in (("uri", uri), ("folder", str(pyfunc_dir)), ("bundle", str(bundle.folder))):
         out = tmp_path / f"{label}.jsonl"
-        summary = predict_manifest(settings, model_ref, manifest, out)
+        summary = predict_stage(settings, model_ref, manifest, out)
         assert (summary.read, summary.written, summary.errors) == (2, 2, 1)
         results[label] = read_predictions(out)
     assert results["uri"] == results["folder"] == results["bundle"]

@@ -78,13 +78,22 @@ def test_cached_teacher_targets_pad_into_batches() -> None:
         parse=[torch.zeros(3, 11).half(), torch.zeros(2, 11).half()],
         encoder=None,
     )
-    ctc, ctc_len, intent, p_in, p_out, parse, enc, enc_len = targets.batch([1, 0])
-    assert ctc.shape == (2, 5, 3) and ctc_len.tolist() == [3, 5]
-    assert ctc[0, 3:].abs().sum() == 0  # padding is zero, and masked by the lengths
-    assert intent.tolist() == [[3.0, 4.0], [1.0, 2.0]]
-    assert p_in.tolist() == [[1, 9, ParseVocab.PAD], [1, 7, 8]]
-    assert p_out.tolist() == [[9, 2, ParseVocab.PAD], [7, 8, 2]]
-    assert parse.shape == (2, 3, 11) and enc is None and enc_len is None
+    t = targets.batch([1, 0])
+    assert t["ctc"].shape == (2, 5, 3) and t["ctc_lengths"].tolist() == [3, 5]
+    assert t["ctc"][0, 3:].abs().sum() == 0  # padding is zero, and masked by the lengths
+    assert t["intent"].tolist() == [[3.0, 4.0], [1.0, 2.0]]
+    assert t["parse_in"].tolist() == [[1, 9, ParseVocab.PAD], [1, 7, 8]]
+    assert t["parse_out"].tolist() == [[9, 2, ParseVocab.PAD], [7, 8, 2]]
+    assert t["parse"].shape == (2, 3, 11) and t["encoder"] is None and t["encoder_lengths"] is None
+
+
+def test_teacher_targets_without_a_parse_decoder_have_no_parse_terms() -> None:
+    from model.training.student import TeacherTargets
+
+    targets = TeacherTargets(ctc=[torch.ones(4, 3).half()], intent=torch.zeros(1, 2),
+                             parse_in=None, parse_out=None, parse=None, encoder=None)
+    t = targets.batch([0])
+    assert t["parse"] is None and t["parse_in"] is None and t["ctc"].shape == (1, 4, 3)
 
 
 def test_warm_start_copies_weights_and_refuses_other_shapes() -> None:

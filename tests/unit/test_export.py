@@ -30,6 +30,7 @@ from model.nn.export import (
 )
 from model.nn.network import EncoderConfig, JointModel, ModelConfig, min_input_frames
 from model.nn.package import ModelPackage, save_package
+from model.nn.qat import WEIGHT_QMAX, WEIGHT_REDUCE_RANGE
 from model.nn.tokens import ParseVocab
 
 torch.set_num_threads(1)
@@ -120,6 +121,7 @@ def test_bundle_config_carries_the_package_config(
     assert cfg.version == "test-7"
     assert cfg.onnx["int8"] is False and not fp32.quantized
     assert load_bundle_config(int8.folder).onnx["int8"] is True and int8.quantized
+    assert load_bundle_config(int8.folder).onnx["quantization"]["reduce_range"] is WEIGHT_REDUCE_RANGE
 
 
 def _matmul_weight_bytes(path: Path, ops: tuple[str, ...]) -> int:
@@ -141,6 +143,9 @@ def test_int8_bundle_has_int8_matmul_weights_and_is_smaller(
         for node in integer:
             weight = inits[node.input[1]]
             assert weight.data_type == onnx.TensorProto.INT8
+            # The 7-bit grid QAT trains on (|q| <= 64: no int16 saturation on AVX2 without VNNI).
+            assert int(np.abs(onnx.numpy_helper.to_array(weight).astype(np.int32)).max()) \
+                == WEIGHT_QMAX == 64, node.name
         # No float matmul with a constant weight is left behind.
         for node in graph.node:
             if node.op_type in ("MatMul", "Gemm") and node.input[1] in inits:

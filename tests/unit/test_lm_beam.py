@@ -3,6 +3,7 @@
 import math
 from pathlib import Path
 
+import jiwer
 import pytest
 import torch
 
@@ -122,7 +123,8 @@ def test_tuning_picks_the_best_setting(tmp_path: Path) -> None:
     frames = _spell("turn o") + [{"n": 0.43, "f": 0.47}, {}] + _spell(" the light")
     e = _emissions(frames)[0]
     config, grid = tune_beam(BeamTranscriber(folder, VOCAB), [(e, e.size(0))],
-                             ["turn on the light"], lm_weights=(0.0, 1.0), word_scores=(0.0,))
+                             lambda hyps: float(jiwer.wer(["turn on the light"], hyps)),
+                             lm_weights=(0.0, 1.0), word_scores=(0.0,))
     assert set(grid) == {"0.0/0.0", "1.0/0.0"}
     assert grid["1.0/0.0"] == 0.0 and config.lm_weight == 1.0
 

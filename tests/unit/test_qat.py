@@ -16,6 +16,8 @@ from torch.nn.utils import parametrize
 
 from model.nn.network import EncoderConfig, JointModel, JointOutput, ModelConfig
 from model.nn.qat import (
+    WEIGHT_QMAX,
+    WEIGHT_REDUCE_RANGE,
     DynamicActivationFakeQuant,
     WeightFakeQuant,
     int8_weight_grid_error,
@@ -153,9 +155,12 @@ def test_enabled_is_close_to_float_but_not_equal(train: bool) -> None:
     qat = prepare_qat(model)
     with torch.no_grad():
         a, b = _run(model), _run(ref)
+    # Random weights and 7-bit weight grids: a few percent of error, more in train mode,
+    # where dropout thins the small-init parse decoder's signal (measured 0.17).
+    limit = 0.25 if train else 0.1
     for k in HEADS:
         err = _rel(getattr(a, k), getattr(b, k))
-        assert 1e-5 < err < 0.1, (k, err)
+        assert 1e-5 < err < limit, (k, err)
     assert qat.stats()["activation_calls"] > 0
 
 
@@ -375,11 +380,15 @@ def test_weight_scheme_matches_onnxruntime_quantizer() -> None:
             assert int(zp) == 0 and np.float32(scale) == fq.scale[i].item()
             assert int(np.abs(q).max()) == (0 if i == 5 else qmax)
             np.testing.assert_array_equal(q.astype(np.float32) * np.float32(scale), y[i].numpy())
-    # per tensor
-    zp, scale, q = quantize_data(w.numpy(), TensorProto.INT8, True)
-    assert np.float32(scale) == ort_weight_scale(w, per_channel=False).item()
-    y = WeightFakeQuant(48, per_channel=False)(w)
-    np.testing.assert_array_equal(q.astype(np.float32) * np.float32(scale), y.numpy())
+        # per tensor
+        zp, scale, q = quantize_data(w.numpy(), TensorProto.INT8, True, reduce_range)
+        assert np.float32(scale) == ort_weight_scale(w, False, reduce_range).item()
+        y = WeightFakeQuant(48, per_channel=False, reduce_range=reduce_range)(w)
+        np.testing.assert_array_equal(q.astype(np.float32) * np.float32(scale), y.numpy())
+    # The default, shared with model.nn.export.quantize_bundle: ORT's 7-bit reduce_range grid.
+    assert WEIGHT_REDUCE_RANGE is True and WEIGHT_QMAX == 64
+    assert WeightFakeQuant(48).qmax == 64 and torch.equal(
+        ort_weight_scale(w), ort_weight_scale(w, reduce_range=True))
 
 
 def test_activation_scheme_matches_dynamic_quantize_linear() -> None:
@@ -429,11 +438,15 @@ class _TinyStack(nn.Module):
 
 
 def test_onnxruntime_quantize_dynamic_reproduces_baked_weights(tmp_path: Path) -> None:
+    """The deployment quantiser (quantize_bundle's quantize_dynamic call) keeps the baked
+    weights bit for bit, and the int8 graph computes what the QAT model computes. The latter
+    fails with 8-bit weights on x86 CPUs without VNNI (int16 saturation in vpmaddubsw): the
+    7-bit weight grid (WEIGHT_REDUCE_RANGE) makes it hold on every CPU."""
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from model.nn.export import DEFAULT_INT8_OP_TYPES, _quantize_graph
 
     torch.manual_seed(0)
     float_model = _TinyStack().eval()
@@ -445,13 +458,11 @@ def test_onnxruntime_quantize_dynamic_reproduces_baked_weights(tmp_path: Path) -
     baked = _TinyStack().eval()
     baked.load_state_dict(plain_state_dict(qat_model, quantized=True))
 
-    src, pre, dst = tmp_path / "f.onnx", tmp_path / "p.onnx", tmp_path / "q.onnx"
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
     torch.onnx.export(baked, (x, mem), str(src), dynamo=True, external_data=False,
                       input_names=["x", "mem"], output_names=["y"])
-    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-    quantize_dynamic(str(pre), str(dst), per_channel=True, weight_type=QuantType.QInt8,
-                     op_types_to_quantize=["MatMul", "Gemm"],
-                     extra_options={"MatMulConstBOnly": True})
+    # quant_pre_process + quantize_dynamic exactly as quantize_bundle runs them.
+    _quantize_graph(src, dst, DEFAULT_INT8_OP_TYPES, per_channel=True)
 
     graph = onnx.load(str(dst)).graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -468,6 +479,9 @@ def test_onnxruntime_quantize_dynamic_reproduces_baked_weights(tmp_path: Path) -
         q = inits[name]
         scale = inits[name[: -len("_quantized")] + "_scale"]
         assert q.dtype == np.int8 and scale.shape == (q.shape[1],)  # per output channel
+        # 7-bit grid: every channel reaches ±64 and none goes beyond (an 8-bit regression
+        # would show 127 here, and saturate on AVX2 without VNNI).
+        assert (np.abs(q.astype(np.int32)).max(axis=0) == WEIGHT_QMAX).all(), name
         dequant = (q.astype(np.float32) * scale.astype(np.float32)).T  # (out, in)
         for row in dequant:
             assert row.tobytes() in rows  # bit-exact: ORT keeps the baked weights
