@@ -1,16 +1,30 @@
-"""Teacher recipe trials on a subset of the full corpus (exploratory, not acceptance).
+"""Teacher recipe trials: each recipe change of issue 12 against the recipe without it.
 
-Trains the teacher for 4 epochs on 6,000 random training utterances (about 1,000 steps),
-validating on 400, on ONE thread, with one of these recipes:
+Every arm trains the teacher with the ``full`` profile's settings plus its overrides on
+the same random subset of the training split (``--train`` utterances) for the same number
+of epochs (``--epochs``), on ONE thread, and validates greedily (no LM) on the same
+subsets of ``valid`` and of the held-out voice family's ``valid_heldout``. Equal epochs
+rather than equal minutes: trials share the machine with other work, so wall time is
+noisy; the per-epoch cost of each architecture is measured on its own by
+``benchmarks/training_throughput.py`` and reported beside (``minutes_per_epoch`` here is
+the noisy wall clock of this run).
 
-- ``A``: subsampling 8 × CTC upsampling 4, learned uncertainty weights, no curriculum;
-- ``B``: as A with a CTC-heavy weight schedule (intent/parse 0.3 → 0.5/1.0 over 3 epochs);
-- ``C``: as A with subsampling 4 × CTC upsampling 2.
+    uv run python benchmarks/recipe_trial.py                 # every arm, in turn
+    uv run python benchmarks/recipe_trial.py new no_warp     # some arms
 
-    uv run python benchmarks/recipe_trial.py A
+Arms (overrides of the current recipe, named by what they change):
 
-Prints the best epoch's validation metrics and writes them to
-``benchmarks/results/recipe_trial_<name>.json``.
+- ``new``: the recipe as configured (tagged-transcript CTC, 80 ms encoder, fixed loss
+  weights, intermediate CTC, voice perturbation, SpecAugment ramp);
+- ``old_recipe``: the previous teacher (40 ms encoder, parse decoder, character CTC,
+  learned uncertainty weights, none of the new training-time additions);
+- ``parse_decoder``: slots from a 2-layer parse decoder over character CTC instead of
+  tags (option (b) of the issue, without the span constraint);
+- ``enc_40ms``: subsampling 4 × CTC upsampling 2;
+- ``learned_weights``: uncertainty weighting instead of fixed weights;
+- ``no_inter_ctc``, ``no_warp``, ``no_ramp``: each addition removed.
+
+Writes ``benchmarks/results/recipe_trials.json`` (merged across runs) and prints a table.
 """
 
 from __future__ import annotations
@@ -18,47 +32,92 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-import yaml
+import torch
 
 from model.training.teacher import train_teacher
-from voiceloop.settings import load_settings, repo_root
+from voiceloop.settings import Settings, load_settings
 
-RECIPES = {
-    "A": {},
-    "B": {"loss": {"weighting": "schedule", "weights": {"ctc": 1.0, "intent": 0.3, "parse": 0.3},
-                   "final_weights": {"ctc": 1.0, "intent": 0.5, "parse": 1.0},
-                   "schedule_epochs": 3}},
-    "C": {},
+RESULTS = Path(__file__).resolve().parent / "results" / "recipe_trials.json"
+
+ARMS: dict[str, dict[str, Any]] = {
+    "new": {},
+    "old_recipe": {
+        "model": {"subsampling": 4, "ctc_upsample": 2, "conv_kernel": 15, "decoder_layers": 2,
+                  "ctc_units": "char", "inter_ctc_layer": 0},
+        "train": {"loss": {"weighting": "uncertainty",
+                           "weights": {"ctc": 1.0, "intent": 0.5, "parse": 0.5}}},
+        "features": {"warp": {"p": 0.0}, "specaugment": {"ramp_epochs": 0.0}},
+    },
+    "parse_decoder": {"model": {"decoder_layers": 2, "ctc_units": "char"}},
+    "enc_40ms": {"model": {"subsampling": 4, "ctc_upsample": 2, "conv_kernel": 15}},
+    "learned_weights": {"train": {"loss": {"weighting": "uncertainty"}}},
+    "no_inter_ctc": {"model": {"inter_ctc_layer": 0}},
+    "no_warp": {"features": {"warp": {"p": 0.0}}},
+    "no_ramp": {"features": {"specaugment": {"ramp_epochs": 0.0}}},
 }
 
 
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def arm_settings(base: Settings, arm: str, train: int, valid: int, epochs: int,
+                 out_root: Path) -> Settings:
+    """``base`` with the arm's overrides and the trial's size, budget and thread count."""
+    data = base.model_dump()
+    trial = {"train": {"epochs": epochs, "max_train_utterances": train,
+                       "eval_max_utterances": valid, "max_minutes": None, "threads": 1,
+                       "min_epochs": epochs, "warmup_steps": 150},
+             "decode": {"lm": {"enabled": False}, "calibrate": False}}
+    data = _merge(_merge(data, trial), ARMS[arm])
+    data["workspace"] = base.workspace
+    return Settings.model_validate(data)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", choices=sorted(RECIPES))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("arms", nargs="*", default=list(ARMS), help=f"of {list(ARMS)}")
+    parser.add_argument("--train", type=int, default=6000, help="training utterances")
+    parser.add_argument("--valid", type=int, default=600, help="per validation split")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--out-root", type=Path, default=None,
+                        help="run folders (default: WORKSPACE/trials)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO)
-    params = yaml.safe_load((repo_root() / "params.yaml").read_text())
-    full = params["profiles"]["full"]
-    full["model"] = ({"subsampling": 4, "ctc_upsample": 2} if args.recipe == "C"
-                     else {"subsampling": 8, "ctc_upsample": 4})
-    full["train"] = {"epochs": 4, "eval_max_utterances": 400, "max_train_utterances": 6000,
-                     "curriculum_epochs": 0, "warmup_steps": 200, "min_epochs": 10,
-                     "threads": 1, **RECIPES[args.recipe]}
-    scratch = Path(tempfile.mkdtemp(prefix=f"recipe-{args.recipe}-"))
-    (scratch / "params.yaml").write_text(yaml.safe_dump(params))
-    workspace = load_settings(profile="full").workspace
-    settings = load_settings(scratch / "params.yaml", "full", workspace)
-    result = train_teacher(settings, progress=False, resume=False, out_dir=scratch / "run",
-                           track=False)
-    out = {"recipe": args.recipe, "best_valid": result.best_valid,
-           "best_epoch": result.best_epoch, "wall_s": round(result.wall_s, 1)}
-    print(json.dumps(out, indent=2))
-    path = repo_root() / "benchmarks" / "results" / f"recipe_trial_{args.recipe}.json"
-    path.write_text(json.dumps(out, indent=2))
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("model").setLevel(logging.INFO)
+    torch.set_num_threads(1)
+    base = load_settings(profile="full")
+    out_root = args.out_root or base.workspace / "trials"
+    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for arm in args.arms:
+        if arm not in ARMS:
+            raise SystemExit(f"unknown arm {arm!r}; choose from {list(ARMS)}")
+        settings = arm_settings(base, arm, args.train, args.valid, args.epochs, out_root)
+        start = time.perf_counter()
+        r = train_teacher(settings, progress=False, resume=False, out_dir=out_root / arm)
+        wall = time.perf_counter() - start
+        results[arm] = {
+            "overrides": ARMS[arm], "epochs": r.epochs_run, "best_epoch": r.best_epoch,
+            "parameters": r.parameters, "minutes_per_epoch": wall / 60 / r.epochs_run,
+            **{k: round(v, 4) for k, v in r.best_valid.items()},
+            "command": f"uv run python benchmarks/recipe_trial.py {arm} --train {args.train} "
+                       f"--valid {args.valid} --epochs {args.epochs}",
+        }
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2))
+        print(f"{arm}: {json.dumps(results[arm])}", flush=True)
+    cols = ["select", "valid_semer", "valid_wer", "valid_intent_accuracy", "valid_slot_f1",
+            "heldout_semer", "heldout_wer", "heldout_intent_accuracy", "minutes_per_epoch"]
+    print("| arm | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols))
+    for arm, r in results.items():
+        print(f"| {arm} | " + " | ".join(f"{r.get(c, float('nan')):.3f}" for c in cols) + " |")
 
 
 if __name__ == "__main__":

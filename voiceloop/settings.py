@@ -25,11 +25,13 @@ __all__ = [
     "ModelSettings",
     "NoiseSettings",
     "ReverbSettings",
+    "ServingSettings",
     "Settings",
     "SpecAugmentSettings",
     "SplitSettings",
     "TTSSettings",
     "TrackingSettings",
+    "TrafficSettings",
     "TrainSettings",
     "ValidationSettings",
     "WarpSettings",
@@ -408,6 +410,45 @@ class TrackingSettings(_Strict):
     registered_model: str = "voiceloop-slu"
 
 
+class TrafficSettings(_Strict):
+    """The production-traffic store (``serving.traffic``).
+
+    ``root``: a folder or an fsspec URL (``s3://…``); empty → ``<workspace>/traffic``.
+    ``sample``: fraction of requests logged (0–1). The background writer commits a batch
+    every ``batch_max_records`` records or ``batch_max_seconds`` seconds, whichever comes
+    first; a request arriving while ``queue_max`` records wait is counted as dropped.
+    """
+
+    root: str | None = None
+    sample: float = Field(1.0, ge=0, le=1)
+    batch_max_records: int = Field(256, ge=1)
+    batch_max_seconds: float = Field(2.0, gt=0)
+    queue_max: int = Field(4096, ge=1)
+
+
+class ServingSettings(_Strict):
+    """The HTTP service (``voiceloop serve``).
+
+    Audio limits: ``max_audio_bytes`` is checked before the body is read (Content-Length)
+    and while it streams; ``max_duration_s`` after decoding (both answer 413). An upload
+    whose RMS level is below ``silence_dbfs`` is answered 200 with ``clarify: true`` and
+    an empty transcript, without running the model. ``poll_seconds``: how often registry
+    aliases and the canary share are re-read. ``workers``: inference threads (0 = one
+    per core); each ONNX Runtime session uses ``model_threads`` intra-op threads.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_audio_bytes: int = Field(2_000_000, ge=1000)
+    max_duration_s: float = Field(15.0, gt=0)
+    silence_dbfs: float = -60.0
+    poll_seconds: float = Field(5.0, gt=0)
+    workers: int = Field(0, ge=0)
+    model_threads: int = Field(1, ge=1)
+    canary_share_tag: str = "canary_share"
+    traffic: TrafficSettings = TrafficSettings()
+
+
 class Settings(_Strict):
     """Everything one run needs: profile name, seed, workspace and stage settings."""
 
@@ -421,6 +462,12 @@ class Settings(_Strict):
     decode: DecodeSettings = DecodeSettings()
     student: StudentSettings = StudentSettings()
     tracking: TrackingSettings = TrackingSettings()
+    serving: ServingSettings = ServingSettings()
+
+    @property
+    def traffic_root(self) -> str:
+        """Where the production-traffic store lives (a folder or an fsspec URL)."""
+        return self.serving.traffic.root or str(self.workspace / "traffic")
 
     @property
     def corpus_dir(self) -> Path:

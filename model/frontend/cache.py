@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -56,7 +57,8 @@ def load_features(
     ]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
+        # A per-process temp name: two runs filling the same cache must not interleave.
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
         torch.save(feats, tmp)
         tmp.replace(cache)
     return feats
