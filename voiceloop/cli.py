@@ -366,6 +366,51 @@ def predict(
     )
 
 
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to listen on (default "
+                                             "serving.host: 127.0.0.1, loopback only).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default serving.port: 8000).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Serve this one model (any form `voiceloop predict` "
+                     "takes: a model folder, a deploy bundle, a pyfunc folder or an MLflow "
+                     "URI), with no canary. Default: the registry's `production` alias of "
+                     "voiceloop-slu, plus its `canary` alias at the canary share."),
+    ] = None,
+    log_traffic: Annotated[bool, typer.Option(
+        help="Log requests (audio + answers) to the traffic store "
+             "(serving.traffic; WORKSPACE/traffic by default).")] = True,
+    workers: Annotated[int | None, typer.Option(
+        help="Inference threads (default serving.workers; 0 = one per core).")] = None,
+    profile: ProfileOpt = None,
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the HTTP inference service (FastAPI + uvicorn).
+
+    `POST /v1/understand` with a WAV/FLAC/OGG body (or multipart field `file`) and an
+    optional `X-Device-Id` header answers transcript, intent, slots, confidence, clarify,
+    model_version, route and latency_ms; `/healthz`, `/readyz`, `/metrics` (Prometheus);
+    `PUT /admin/canary` and `POST /admin/reload` with `Authorization: Bearer
+    $VOICELOOP_ADMIN_TOKEN` (disabled when the variable is unset). Aliases and the canary
+    share (a tag on the registered model) are re-read every `serving.poll_seconds`.
+    """
+    import uvicorn
+
+    from serving.service import build_app
+    from voiceloop.tracking import resolve_model_uri
+
+    _setup_logging(quiet)
+    settings = load_settings(params, profile, workspace)
+    folder = resolve_model_uri(model, settings) if model else None
+    application = build_app(settings, folder, log_traffic, workers)
+    uvicorn.run(application, host=host or settings.serving.host,
+                port=settings.serving.port if port is None else port,
+                log_level="warning" if quiet else "info", access_log=not quiet)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -1,0 +1,91 @@
+"""Uploaded audio → a checked waveform, or a clear client error.
+
+Every bad upload gets a 4xx :class:`AudioRejected` with a machine-readable code, never a
+500: empty bodies, non-audio, formats other than WAV/FLAC/OGG, truncated files, zero
+samples, NaN/inf samples, too long (413) and too large (413, enforced while the body is
+still streaming in ``serving.app``).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+
+__all__ = ["FORMATS", "AudioRejected", "DecodedAudio", "decode_upload", "level_dbfs"]
+
+FORMATS: dict[str, str] = {"WAV": "wav", "FLAC": "flac", "OGG": "ogg"}
+"""libsndfile container name → the name the traffic store records."""
+
+
+class AudioRejected(Exception):
+    """An upload the service cannot use: HTTP ``status``, ``code`` and ``message``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass(frozen=True)
+class DecodedAudio:
+    """A decoded upload: mono float32 samples ``(N,)`` in [-1, 1], its rate (Hz),
+    duration (s) and container format."""
+
+    samples: np.ndarray
+    sample_rate: int
+    duration_s: float
+    audio_format: str
+
+
+def level_dbfs(samples: np.ndarray) -> float:
+    """RMS level in dBFS (−inf for digital silence)."""
+    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if samples.size else 0.0
+    return 20 * np.log10(rms) if rms > 0 else float("-inf")
+
+
+def decode_upload(body: bytes, max_duration_s: float) -> DecodedAudio:
+    """Decode an uploaded file.
+
+    Raises:
+        AudioRejected: 400 ``empty_body`` / ``truncated_audio`` / ``no_samples`` /
+            ``invalid_samples``; 415 ``not_audio`` / ``unsupported_format``; 413
+            ``audio_too_long``.
+    """
+    if not body:
+        raise AudioRejected(400, "empty_body", "the request body is empty: send a WAV, FLAC "
+                            "or OGG file")
+    try:
+        info = sf.info(io.BytesIO(body))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise AudioRejected(415, "not_audio", f"the body is not a readable audio file ({exc})") from exc
+    fmt = FORMATS.get(info.format)
+    if fmt is None:
+        raise AudioRejected(415, "unsupported_format",
+                            f"{info.format} audio is not accepted: send WAV, FLAC or OGG")
+    if info.samplerate <= 0:
+        raise AudioRejected(400, "invalid_header", f"sample rate {info.samplerate} Hz")
+    if info.frames > 0 and info.frames / info.samplerate > max_duration_s:
+        raise AudioRejected(413, "audio_too_long",
+                            f"{info.frames / info.samplerate:.1f} s of audio; the limit is "
+                            f"{max_duration_s:g} s")
+    try:
+        data, rate = sf.read(io.BytesIO(body), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as exc:
+        raise AudioRejected(400, "truncated_audio", f"the audio could not be decoded: {exc}") from exc
+    # A header that promises more frames than the file holds: a cut-off upload.
+    if fmt == "wav" and 0 < data.shape[0] < info.frames:
+        raise AudioRejected(400, "truncated_audio",
+                            f"the file holds {data.shape[0]} of the {info.frames} samples its "
+                            "header announces")
+    if data.shape[0] == 0:
+        raise AudioRejected(400, "no_samples", "the audio file holds no samples")
+    if not np.isfinite(data).all():
+        raise AudioRejected(400, "invalid_samples", "the audio holds NaN or infinite samples")
+    mono = data.mean(axis=1).astype(np.float32)
+    duration = mono.size / rate
+    if duration > max_duration_s:
+        raise AudioRejected(413, "audio_too_long",
+                            f"{duration:.1f} s of audio; the limit is {max_duration_s:g} s")
+    return DecodedAudio(mono, int(rate), duration, fmt)

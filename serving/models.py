@@ -1,0 +1,235 @@
+"""The models a running service answers with, and how they change under it.
+
+A :class:`ModelSet` is an immutable snapshot: the ``production`` model, an optional
+``canary`` model and the canary share. The service reads the current snapshot once per
+request, so a swap (a new snapshot assigned in one step) never changes a request
+half-way, and an in-flight request keeps the predictors it started with: a model swap
+drops and fails nothing.
+
+:class:`RegistryModels` builds snapshots from the MLflow registry (the ``production``
+and ``canary`` aliases and the canary-share tag, via :class:`voiceloop.registry.Registry`)
+and re-reads them every ``serving.poll_seconds`` in a background thread, loading a new
+version *before* it is swapped in. :class:`FixedModel` serves one model folder (any form
+``voiceloop predict`` takes), no canary.
+
+Each model version is a :class:`PredictorPool` of ``workers`` predictors: the lexicon
+beam search keeps state while it decodes, so each inference thread borrows a predictor of
+its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from model.inference.batch import BatchPredictor
+from model.inference.onnx import load_predictor
+from serving.contracts import Route
+from voiceloop.registry import Registry, VersionRef
+
+__all__ = ["FixedModel", "ModelSet", "ModelSource", "PredictorPool", "RegistryModels", "ServedModel"]
+
+log = logging.getLogger(__name__)
+
+PredictorFactory = Callable[[Path], BatchPredictor]
+
+
+class PredictorPool:
+    """``size`` predictors of one model folder; :meth:`borrow` lends one to a thread."""
+
+    def __init__(self, folder: Path, size: int, factory: PredictorFactory) -> None:
+        if size < 1:
+            raise ValueError(f"a predictor pool needs at least one predictor, got {size}")
+        self.folder = folder
+        self._free: queue.SimpleQueue[BatchPredictor] = queue.SimpleQueue()
+        first = factory(folder)
+        self.version = first.version
+        self.min_samples = first.min_samples
+        self.sample_rate = first.feature_config.sample_rate
+        self._free.put(first)
+        for _ in range(size - 1):
+            self._free.put(factory(folder))
+
+    @contextmanager
+    def borrow(self) -> Iterator[BatchPredictor]:
+        """A predictor for the caller's exclusive use while the block runs."""
+        predictor = self._free.get()
+        try:
+            yield predictor
+        finally:
+            self._free.put(predictor)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One loaded model: its predictors, version string and registry version (None for a
+    model served from a folder)."""
+
+    pool: PredictorPool
+    registry_version: str | None
+
+    @property
+    def version(self) -> str:
+        return self.pool.version
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    """What answers right now."""
+
+    production: ServedModel | None
+    canary: ServedModel | None = None
+    share: float = 0.0
+
+    def model(self, route: Route) -> ServedModel:
+        chosen = self.canary if route == "canary" else self.production
+        if chosen is None:
+            raise LookupError(f"no {route} model loaded")
+        return chosen
+
+    def describe(self) -> dict[str, object]:
+        def one(m: ServedModel | None) -> dict[str, str | None] | None:
+            return None if m is None else {"version": m.version,
+                                           "registry_version": m.registry_version}
+        return {"production": one(self.production), "canary": one(self.canary),
+                "canary_share": self.share}
+
+
+class ModelSource:
+    """Where the service's :class:`ModelSet` comes from."""
+
+    def __init__(self) -> None:
+        self._current = ModelSet(None)
+        self._listeners: list[Callable[[ModelSet], None]] = []
+
+    @property
+    def current(self) -> ModelSet:
+        return self._current
+
+    def on_change(self, listener: Callable[[ModelSet], None]) -> None:
+        """Call ``listener`` with each new snapshot (metrics gauges)."""
+        self._listeners.append(listener)
+
+    def _publish(self, models: ModelSet) -> None:
+        self._current = models  # one reference assignment: requests see old or new, whole
+        for listener in self._listeners:
+            listener(models)
+
+    @property
+    def uses_registry(self) -> bool:
+        return False
+
+    def start(self) -> None:
+        """Load the first snapshot (may raise) and start watching, if the source watches."""
+
+    def stop(self) -> None:
+        """Stop watching."""
+
+    def refresh(self) -> ModelSet:
+        """Re-read the source now; returns the snapshot in force afterwards."""
+        return self._current
+
+    def set_share(self, share: float) -> ModelSet:
+        raise NotImplementedError("this service serves one model: there is no canary")
+
+
+class FixedModel(ModelSource):
+    """One model folder (torch package, deploy bundle or pyfunc folder), no canary."""
+
+    def __init__(self, folder: Path, workers: int, factory: PredictorFactory) -> None:
+        super().__init__()
+        self.folder, self.workers, self.factory = folder, workers, factory
+
+    def start(self) -> None:
+        self._publish(ModelSet(ServedModel(PredictorPool(self.folder, self.workers, self.factory),
+                                           None)))
+
+
+class RegistryModels(ModelSource):
+    """The registry's ``production`` and ``canary`` aliases and the canary share, polled.
+
+    A version that fails to load is logged and retried at the next poll while the
+    previous snapshot keeps serving (a broken candidate never takes the service down).
+    """
+
+    def __init__(self, registry: Registry, workers: int, poll_seconds: float,
+                 factory: PredictorFactory) -> None:
+        super().__init__()
+        self.registry, self.workers, self.poll_seconds, self.factory = (
+            registry, workers, poll_seconds, factory)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loaded: dict[str, ServedModel] = {}  # registry version -> model
+        self.last_error: str | None = None
+        self.last_poll: float | None = None
+
+    @property
+    def uses_registry(self) -> bool:
+        return True
+
+    def start(self) -> None:
+        self.refresh()
+        self._thread = threading.Thread(target=self._watch, name="registry-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.refresh()
+            except Exception as exc:  # noqa: BLE001 - keep serving what is loaded
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("registry poll failed, still serving %s: %s",
+                            self.current.describe(), exc)
+
+    def _load(self, ref: VersionRef | None) -> ServedModel | None:
+        if ref is None:
+            return None
+        if ref.version not in self._loaded:
+            folder = self.registry.model_folder(ref)
+            log.info("loading %s version %s from %s", ref.name, ref.version, folder)
+            self._loaded[ref.version] = ServedModel(
+                PredictorPool(folder, self.workers, self.factory), ref.version)
+        return self._loaded[ref.version]
+
+    def refresh(self) -> ModelSet:
+        with self._lock:
+            production = self.registry.alias("production")
+            canary = self.registry.alias("canary")
+            share = self.registry.canary_share()
+            models = ModelSet(self._load(production), self._load(canary), share)
+            if models != self.current:
+                log.info("serving %s", models.describe())
+                self._publish(models)
+            keep = {m.registry_version for m in (models.production, models.canary) if m}
+            self._loaded = {v: m for v, m in self._loaded.items() if v in keep}
+            self.last_poll, self.last_error = time.time(), None
+            return models
+
+    def set_share(self, share: float) -> ModelSet:
+        """Write the share to the registry tag (the truth) and apply it at once."""
+        self.registry.set_canary_share(share)
+        with self._lock:
+            models = replace(self.current, share=share)
+            self._publish(models)
+            return models
+
+
+def default_factory(model_threads: int) -> PredictorFactory:
+    """Predictors for a folder, one request at a time, ``model_threads`` ORT threads."""
+
+    def factory(folder: Path) -> BatchPredictor:
+        return load_predictor(folder, batch_size=1, threads=model_threads)
+
+    return factory
