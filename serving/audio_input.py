@@ -39,6 +39,22 @@ class DecodedAudio:
     audio_format: str
 
 
+def _wav_missing_bytes(body: bytes) -> int:
+    """How many bytes of the WAV ``data`` chunk its header announces but the file lacks
+    (0 for a complete file; libsndfile silently reads what is there)."""
+    if body[:4] not in (b"RIFF", b"RF64") or body[8:12] != b"WAVE":
+        return 0
+    pos = 12
+    while pos + 8 <= len(body):
+        chunk, size = body[pos:pos + 4], int.from_bytes(body[pos + 4:pos + 8], "little")
+        if chunk == b"data":
+            if size == 0xFFFFFFFF:  # RF64 / streaming writers: size unknown
+                return 0
+            return max(0, size - (len(body) - pos - 8))
+        pos += 8 + size + (size & 1)
+    return 0
+
+
 def level_dbfs(samples: np.ndarray) -> float:
     """RMS level in dBFS (−inf for digital silence)."""
     rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if samples.size else 0.0
@@ -74,11 +90,13 @@ def decode_upload(body: bytes, max_duration_s: float) -> DecodedAudio:
         data, rate = sf.read(io.BytesIO(body), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as exc:
         raise AudioRejected(400, "truncated_audio", f"the audio could not be decoded: {exc}") from exc
-    # A header that promises more frames than the file holds: a cut-off upload.
-    if fmt == "wav" and 0 < data.shape[0] < info.frames:
+    # A header that promises more than the file holds: a cut-off upload.
+    missing = _wav_missing_bytes(body) if fmt == "wav" else 0
+    if missing or 0 < data.shape[0] < info.frames:
         raise AudioRejected(400, "truncated_audio",
-                            f"the file holds {data.shape[0]} of the {info.frames} samples its "
-                            "header announces")
+                            f"the file is cut off: its header announces more audio than it "
+                            f"holds ({missing or info.frames - data.shape[0]} "
+                            f"{'bytes' if missing else 'samples'} missing)")
     if data.shape[0] == 0:
         raise AudioRejected(400, "no_samples", "the audio file holds no samples")
     if not np.isfinite(data).all():

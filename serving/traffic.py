@@ -1,0 +1,687 @@
+"""The production-traffic store: a bounded background writer and the readers of what it
+wrote.
+
+The service submits one :class:`~serving.contracts.TrafficRecord` per request (and per
+feedback call), optionally with the decoded audio; a background thread groups records
+into batches and commits them. The ingestion flow lists committed batches and reads them
+back as records or as a pandas DataFrame.
+
+Layout under the store root (a local folder or any fsspec URL: ``memory://…``,
+``s3://bucket/traffic``; only fsspec calls are used, so object storage works unchanged)::
+
+    audio/dt=YYYY-MM-DD/hour=HH/<request_id>.flac            mono FLAC, 16-bit PCM
+    batches/dt=YYYY-MM-DD/hour=HH/<batch_id>.parquet         one row per TrafficRecord
+    batches/dt=YYYY-MM-DD/hour=HH/<batch_id>.commit.json     the commit marker
+
+- Partitions are the record's ``timestamp`` in UTC (a naive timestamp is taken as UTC).
+  A flush whose records span an hour boundary commits one batch per partition, each with
+  its own ``batch_id``; a batch is therefore one Parquet file in one partition.
+- ``batch_id`` is ``YYYYmmddTHHMMSS-<8 hex>`` (commit time, UTC, plus randomness), so ids
+  sort by commit second. Within one second, and across several writers (service
+  replicas), the order is arbitrary: an ingestion flow must remember the *set* of batch
+  ids it processed, not a high-water mark.
+- Commit protocol: the batch's audio files are written first; then the Parquet file is
+  written as ``<batch_id>.parquet.tmp-<uuid>`` and renamed to ``<batch_id>.parquet``;
+  last the marker is written (also through a temporary name and a rename). Readers see a
+  batch only once its marker exists, so a crash at any step leaves nothing half-visible:
+  :func:`uncommitted` lists the leftovers for a janitor. A record's ``audio`` field is the
+  FLAC's path relative to the root (empty when no audio was stored).
+- Marker (JSON): ``batch_id``, ``dt``, ``hour``, ``records``, ``request_ids`` (distinct
+  request ids), ``created`` (ISO 8601 UTC), ``file`` (path relative to the root),
+  ``bytes``, ``schema`` (:data:`SCHEMA_VERSION`).
+
+Parquet schema (:data:`TRAFFIC_SCHEMA`): one column per ``TrafficRecord`` field.
+``timestamp`` is ``timestamp[us, tz=UTC]`` (pandas: ``datetime64[us, UTC]``); ``slots`` is
+a JSON string (``[{"type": "area", "value": "kitchen"}]``) because a flat string column is
+what pandas, Great Expectations and Evidently handle without special cases (a
+``list<struct>`` column arrives in pandas as arrays of dicts that they cannot compare or
+hash); ``confidence``, ``latency_ms``, ``duration_s`` are float64; ``sample_rate`` int32;
+``clarify`` bool; every other column is a string (nullable where the record's field is
+optional).
+
+Writer accounting (:class:`TrafficStats`), true at every snapshot::
+
+    submitted = sampled_out + dropped + logged + failed + queue_depth
+
+``submitted`` counts valid :meth:`TrafficWriter.submit` calls; ``sampled_out`` those the
+``sample`` fraction skipped; ``dropped`` those refused because ``queue_max`` records were
+waiting (or the writer was closed); ``logged`` records in committed batches; ``failed``
+records whose batch could not be written twice in a row; ``queue_depth`` records accepted
+but not yet committed or failed (queued or in the batch being written).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Self
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import soundfile as sf
+
+from serving.contracts import TrafficRecord
+from voiceloop.settings import TrafficSettings
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "TRAFFIC_SCHEMA",
+    "BatchInfo",
+    "TrafficStats",
+    "TrafficWriter",
+    "list_batches",
+    "read_audio",
+    "read_batch",
+    "read_batch_frame",
+    "uncommitted",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "traffic-v1"
+
+TRAFFIC_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("device_id", pa.string()),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("route", pa.string()),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("registry_version", pa.string()),
+        pa.field("transcript", pa.string(), nullable=False),
+        pa.field("intent", pa.string(), nullable=False),
+        pa.field("slots", pa.string(), nullable=False),
+        pa.field("confidence", pa.float64(), nullable=False),
+        pa.field("clarify", pa.bool_(), nullable=False),
+        pa.field("latency_ms", pa.float64(), nullable=False),
+        pa.field("duration_s", pa.float64(), nullable=False),
+        pa.field("sample_rate", pa.int32(), nullable=False),
+        pa.field("audio_format", pa.string(), nullable=False),
+        pa.field("audio", pa.string(), nullable=False),
+        pa.field("feedback_kind", pa.string()),
+        pa.field("feedback_text", pa.string()),
+    ],
+    metadata={"voiceloop.schema": SCHEMA_VERSION},
+)
+
+_BATCHES = "batches"
+_AUDIO = "audio"
+_PARQUET = ".parquet"
+_MARKER = ".commit.json"
+_TMP = ".tmp-"
+# FLAC's format limit; soundfile fails on anything outside it, which would fail the whole
+# batch in the writer thread, so submit() rejects it up front.
+_MAX_SAMPLE_RATE = 655_350
+# Request ids become file names: keep them to characters every object store accepts.
+_SAFE_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _as_utc(ts: datetime) -> datetime:
+    # The contract says timestamps are UTC; a naive one is taken at its word.
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def _partition(ts: datetime) -> tuple[str, int]:
+    ts = _as_utc(ts)
+    return ts.strftime("%Y-%m-%d"), ts.hour
+
+
+def _partition_dir(kind: str, dt: str, hour: int) -> str:
+    return f"{kind}/dt={dt}/hour={hour:02d}"
+
+
+def _keep(request_id: str, sample: float) -> bool:
+    """Whether ``request_id`` falls inside the ``sample`` fraction.
+
+    A stable hash (not Python's per-process salted ``hash``) so that every replica and
+    every restart keeps the same requests, and a request and its feedback agree.
+    """
+    if sample >= 1.0:
+        return True
+    if sample <= 0.0:
+        return False
+    digest = hashlib.blake2b(request_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64 < sample
+
+
+def _pcm16(audio: np.ndarray) -> np.ndarray:
+    """Mono audio as int16 PCM (float input: full scale ±1.0, clipped, rounded).
+
+    Quantised here, on submit, so the queue holds 2 bytes a sample instead of 4–8 and the
+    caller may reuse its buffer as soon as submit returns.
+    """
+    arr = np.asarray(audio)
+    if arr.ndim != 1:
+        raise ValueError(f"audio must be mono, shape (samples,), got shape {arr.shape}")
+    if arr.dtype == np.int16:
+        return arr.copy()
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"audio must be float (±1.0 full scale) or int16, got {arr.dtype}")
+    # NaN/inf would turn into arbitrary integers; silence is the honest stand-in.
+    arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=1.0, neginf=-1.0)
+    # x 32768 to match soundfile/libsndfile, which reads 16-bit PCM back as int / 32768.
+    return np.clip(np.round(arr * 32768.0), -32768, 32767).astype(np.int16)
+
+
+def _flac_bytes(pcm: np.ndarray, sample_rate: int) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, pcm, sample_rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def _table(records: Iterable[TrafficRecord]) -> pa.Table:
+    """Records → an Arrow table with :data:`TRAFFIC_SCHEMA` (slots as a JSON string)."""
+    columns: dict[str, list[Any]] = {name: [] for name in TRAFFIC_SCHEMA.names}
+    for rec in records:
+        row = rec.model_dump(mode="python")
+        row["timestamp"] = _as_utc(rec.timestamp)
+        row["slots"] = json.dumps(row["slots"], ensure_ascii=False, separators=(",", ":"))
+        for name in TRAFFIC_SCHEMA.names:
+            columns[name].append(row[name])
+    return pa.table(columns, schema=TRAFFIC_SCHEMA)
+
+
+def _parquet_bytes(table: pa.Table, batch_id: str) -> bytes:
+    # Encoded in memory: the marker needs the size, and one write call is one PUT on
+    # object storage.
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), b"voiceloop.batch_id": batch_id.encode()}
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+class _Store:
+    """An fsspec filesystem plus the store's root path on it."""
+
+    def __init__(self, root: str) -> None:
+        if not isinstance(root, str) or not root.strip():
+            raise ValueError(f"traffic store root must be a non-empty path or URL, got {root!r}")
+        self.fs, base = fsspec.core.url_to_fs(root)
+        self.base = base.rstrip("/") or base
+
+    def path(self, rel: str) -> str:
+        return f"{self.base}/{rel}"
+
+    def rel(self, path: str) -> str:
+        prefix = self.base.rstrip("/") + "/"
+        return path.removeprefix(prefix)
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        """Write ``data`` to a temporary sibling of ``rel``, then rename it into place:
+        a crash never leaves a truncated file under the final name."""
+        final = self.path(rel)
+        tmp = f"{final}{_TMP}{uuid.uuid4().hex}"
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            self.fs.mv(tmp, final)
+        except Exception:
+            self._discard(tmp)
+            raise
+
+    def write(self, rel: str, data: bytes) -> None:
+        with self.fs.open(self.path(rel), "wb") as f:
+            f.write(data)
+
+    def makedirs(self, rel: str) -> None:
+        self.fs.makedirs(self.path(rel), exist_ok=True)
+
+    def glob(self, pattern: str) -> list[str]:
+        return sorted(self.rel(p) for p in self.fs.glob(self.path(pattern)))
+
+    def read(self, rel: str) -> bytes:
+        with self.fs.open(self.path(rel), "rb") as f:
+            return f.read()
+
+    def _discard(self, path: str) -> None:
+        try:
+            if self.fs.exists(path):
+                self.fs.rm(path)
+        except Exception:  # best effort: uncommitted() still shows it
+            log.warning("could not remove temporary file %s", path, exc_info=True)
+
+
+@dataclass(frozen=True)
+class TrafficStats:
+    """A consistent snapshot of a writer's counters.
+
+    ``submitted = sampled_out + dropped + logged + failed + queue_depth`` always holds.
+    ``batches`` counts committed batch files; ``write_errors`` counts failed write
+    attempts (a batch that fails and then succeeds on its retry adds one).
+    """
+
+    submitted: int
+    sampled_out: int
+    dropped: int
+    logged: int
+    failed: int
+    batches: int
+    queue_depth: int
+    write_errors: int
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """One committed batch, as its marker describes it.
+
+    ``path`` and ``marker`` are relative to the store root (so a listing stays valid when
+    the store is copied or mounted elsewhere); ``dt`` is ``YYYY-MM-DD`` and ``hour`` 0–23,
+    UTC.
+    """
+
+    batch_id: str
+    dt: str
+    hour: int
+    path: str
+    marker: str
+    records: int
+    created: datetime
+    bytes: int
+
+
+@dataclass
+class _Item:
+    record: TrafficRecord
+    pcm: np.ndarray | None
+    sample_rate: int
+    enqueued_at: float
+
+
+class TrafficWriter:
+    """Logs traffic records to the store from a background thread, off the request path.
+
+    Args:
+        root: the store root, a folder or an fsspec URL (``Settings.traffic_root``).
+        settings: sampling, batching and queue bounds (``Settings.serving.traffic``).
+        clock: returns the current time; names batches and dates their markers (tests
+            pass a fixed clock). Batch timing uses the monotonic clock regardless.
+
+    A batch commits when it holds ``settings.batch_max_records`` records or
+    ``settings.batch_max_seconds`` after its first record was submitted, whichever comes
+    first, and on :meth:`flush` / :meth:`close`. A batch whose write fails (disk full, a
+    storage error) is logged, counted in ``write_errors`` and retried once under the same
+    ``batch_id``; if the retry fails too its records are counted as ``failed`` and the
+    thread carries on. The thread is a daemon: call :meth:`close` on shutdown or records
+    still queued are lost.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        settings: TrafficSettings,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self._store = _Store(root)
+        self._settings = settings
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._queue: deque[_Item] = deque()
+        self._in_flight = 0
+        self._submitted = 0
+        self._sampled_out = 0
+        self._dropped = 0
+        self._logged = 0
+        self._failed = 0
+        self._batches = 0
+        self._write_errors = 0
+        self._flush_waiters = 0
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def root(self) -> str:
+        """The store root as the filesystem sees it (protocol stripped)."""
+        return self._store.base
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start the writer thread (a no-op when it is already running).
+
+        Raises:
+            RuntimeError: the writer was closed.
+        """
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("traffic writer is closed")
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(
+                target=self._run, name="voiceloop-traffic-writer", daemon=True
+            )
+            self._thread.start()
+
+    def submit(
+        self,
+        record: TrafficRecord,
+        audio: np.ndarray | None = None,
+        sample_rate: int | None = None,
+    ) -> bool:
+        """Queue one record (and its audio) for the store; thread-safe, never blocks.
+
+        Args:
+            record: the logged request; feedback records (``kind == "feedback"``) are
+                always kept, requests only if their id falls in the ``sample`` fraction.
+            audio: mono samples, shape ``(samples,)``, float (±1.0 full scale) or int16;
+                stored as 16-bit FLAC and ``record.audio`` set to its path. None or empty:
+                no audio file (``record.audio`` is kept as given).
+            sample_rate: the audio's rate in Hz; defaults to ``record.sample_rate``.
+
+        Returns:
+            True if the record was queued; False if it was sampled out, dropped because
+            ``queue_max`` records are waiting, or the writer is closed.
+
+        Raises:
+            TypeError: ``record`` is not a ``TrafficRecord``.
+            ValueError: the audio is not mono float/int16, the sample rate is not a valid
+                FLAC rate, or the request id is not usable as a file name.
+        """
+        if not isinstance(record, TrafficRecord):
+            raise TypeError(f"record must be a TrafficRecord, got {type(record).__name__}")
+        pcm: np.ndarray | None = None
+        rate = 0
+        if audio is not None and np.size(audio) > 0:
+            rate = int(sample_rate if sample_rate is not None else record.sample_rate)
+            if not 1 <= rate <= _MAX_SAMPLE_RATE:
+                raise ValueError(f"sample_rate must be 1..{_MAX_SAMPLE_RATE} Hz, got {rate}")
+            rid = record.request_id
+            if not rid or rid.startswith(".") or not set(rid) <= _SAFE_ID:
+                raise ValueError(f"request_id {rid!r} cannot name an audio file "
+                                 "(letters, digits, '-', '_', '.' only)")
+            pcm = _pcm16(audio)
+        keep = record.kind == "feedback" or _keep(record.request_id, self._settings.sample)
+        with self._cond:
+            self._submitted += 1
+            if not keep:
+                self._sampled_out += 1
+                return False
+            if self._closing or len(self._queue) + self._in_flight >= self._settings.queue_max:
+                self._dropped += 1
+                return False
+            self._queue.append(_Item(record, pcm, rate, time.monotonic()))
+            self._cond.notify_all()
+            return True
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Commit everything submitted so far, without waiting for the batch triggers.
+
+        Args:
+            timeout: seconds to wait at most (None: no limit).
+
+        Returns:
+            True when every record accepted before the call is committed (or failed);
+            False on timeout, or at once when the thread was never started.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            target = self._logged + self._failed + len(self._queue) + self._in_flight
+            if self._thread is None or not self._thread.is_alive():
+                return self._logged + self._failed >= target
+            self._flush_waiters += 1
+            self._cond.notify_all()
+            try:
+                while self._logged + self._failed < target:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._cond.wait(left)
+                return True
+            finally:
+                self._flush_waiters -= 1
+
+    def close(self, timeout: float | None = 30.0) -> bool:
+        """Flush everything queued, then stop the thread; later calls do the same wait
+        again and later submits are counted as dropped.
+
+        A writer that was never started is started here if records are queued, so that
+        nothing accepted is lost.
+
+        Args:
+            timeout: seconds to wait for the thread at most (None: no limit).
+
+        Returns:
+            True when the thread has stopped (everything queued was written or failed).
+        """
+        with self._cond:
+            self._closing = True
+            if self._thread is None:
+                if not self._queue:
+                    return True
+                self._thread = threading.Thread(
+                    target=self._run, name="voiceloop-traffic-writer", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+            thread = self._thread
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def stats(self) -> TrafficStats:
+        """A consistent snapshot of the counters (see :class:`TrafficStats`)."""
+        with self._cond:
+            return TrafficStats(
+                submitted=self._submitted,
+                sampled_out=self._sampled_out,
+                dropped=self._dropped,
+                logged=self._logged,
+                failed=self._failed,
+                batches=self._batches,
+                queue_depth=len(self._queue) + self._in_flight,
+                write_errors=self._write_errors,
+            )
+
+    # -- the writer thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                self._write_batch(batch)
+        except BaseException:
+            # Only a bug gets here (write errors are caught per batch); say so loudly.
+            # Submits keep queueing until queue_max and then count drops, so the
+            # accounting still balances.
+            log.exception("traffic writer thread died")
+            raise
+
+    def _next_batch(self) -> list[_Item] | None:
+        """Wait until a batch is due and take it from the queue; None when closed and
+        drained."""
+        max_records = self._settings.batch_max_records
+        max_seconds = self._settings.batch_max_seconds
+        batch: list[_Item] = []
+        with self._cond:
+            while True:
+                while self._queue and len(batch) < max_records:
+                    batch.append(self._queue.popleft())
+                    self._in_flight += 1
+                if len(batch) >= max_records:
+                    return batch
+                if not batch:
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                    continue
+                left = batch[0].enqueued_at + max_seconds - time.monotonic()
+                if left <= 0 or self._closing or self._flush_waiters:
+                    return batch
+                self._cond.wait(left)
+
+    def _write_batch(self, batch: list[_Item]) -> None:
+        groups: dict[tuple[str, int], list[_Item]] = {}
+        for item in batch:
+            groups.setdefault(_partition(item.record.timestamp), []).append(item)
+        for (dt, hour), items in sorted(groups.items()):
+            batch_id = self._new_batch_id()
+            ok = False
+            for attempt in (1, 2):
+                try:
+                    self._commit(batch_id, dt, hour, items)
+                    ok = True
+                    break
+                except Exception:
+                    log.exception("traffic batch %s (%d records, dt=%s hour=%02d) failed "
+                                  "on attempt %d of 2", batch_id, len(items), dt, hour, attempt)
+                    with self._cond:
+                        self._write_errors += 1
+            with self._cond:
+                self._in_flight -= len(items)
+                if ok:
+                    self._logged += len(items)
+                    self._batches += 1
+                else:
+                    self._failed += len(items)
+                self._cond.notify_all()
+
+    def _new_batch_id(self) -> str:
+        return f"{_as_utc(self._clock()):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+    def _commit(self, batch_id: str, dt: str, hour: int, items: list[_Item]) -> None:
+        """Write one partition's batch: audio, then Parquet (temp + rename), then marker.
+        Idempotent for one ``batch_id``, which is why a retry reuses it."""
+        store = self._store
+        records: list[TrafficRecord] = []
+        audio_dir = _partition_dir(_AUDIO, dt, hour)
+        made_audio_dir = False
+        for item in items:
+            update: dict[str, Any] = {"timestamp": _as_utc(item.record.timestamp)}
+            if item.pcm is not None:
+                if not made_audio_dir:
+                    store.makedirs(audio_dir)
+                    made_audio_dir = True
+                rel = f"{audio_dir}/{item.record.request_id}.flac"
+                # A plain write: no reader looks at a FLAC before a committed record
+                # names it, and the record commits only after this write returned.
+                store.write(rel, _flac_bytes(item.pcm, item.sample_rate))
+                update["audio"] = rel
+            records.append(item.record.model_copy(update=update))
+        data = _parquet_bytes(_table(records), batch_id)
+        batch_dir = _partition_dir(_BATCHES, dt, hour)
+        store.makedirs(batch_dir)
+        rel = f"{batch_dir}/{batch_id}{_PARQUET}"
+        store.write_atomic(rel, data)
+        marker = {
+            "batch_id": batch_id,
+            "dt": dt,
+            "hour": hour,
+            "records": len(records),
+            "request_ids": len({r.request_id for r in records}),
+            "created": _as_utc(self._clock()).isoformat(),
+            "file": rel,
+            "bytes": len(data),
+            "schema": SCHEMA_VERSION,
+        }
+        store.write_atomic(f"{batch_dir}/{batch_id}{_MARKER}",
+                           json.dumps(marker, indent=1).encode("utf-8"))
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+def list_batches(root: str) -> list[BatchInfo]:
+    """Every committed batch under ``root`` (those with a marker), sorted by batch id.
+
+    An unreadable marker is logged and skipped rather than failing the whole listing.
+    """
+    store = _Store(root)
+    infos: list[BatchInfo] = []
+    for marker_rel in store.glob(f"{_BATCHES}/dt=*/hour=*/*{_MARKER}"):
+        try:
+            meta = json.loads(store.read(marker_rel))
+            infos.append(
+                BatchInfo(
+                    batch_id=str(meta["batch_id"]),
+                    dt=str(meta["dt"]),
+                    hour=int(meta["hour"]),
+                    path=str(meta["file"]),
+                    marker=marker_rel,
+                    records=int(meta["records"]),
+                    created=datetime.fromisoformat(meta["created"]),
+                    bytes=int(meta["bytes"]),
+                )
+            )
+        except (ValueError, KeyError, TypeError):
+            log.warning("skipping unreadable commit marker %s", marker_rel, exc_info=True)
+    return sorted(infos, key=lambda info: (info.batch_id, info.path))
+
+
+def _read_table(root: str, info: BatchInfo) -> pa.Table:
+    store = _Store(root)
+    with store.fs.open(store.path(info.path), "rb") as f:
+        return pq.read_table(f)
+
+
+def read_batch_frame(root: str, info: BatchInfo) -> pd.DataFrame:
+    """One batch as a DataFrame: the :data:`TRAFFIC_SCHEMA` columns, ``timestamp`` as
+    ``datetime64[us, UTC]``, ``slots`` as a JSON string."""
+    return _read_table(root, info).to_pandas()
+
+
+def read_batch(root: str, info: BatchInfo) -> list[TrafficRecord]:
+    """One batch as records, in the order they were written.
+
+    Columns a record does not know (a newer writer) are ignored and missing ones (an
+    older writer) take the record's defaults, so readers survive schema additions.
+    """
+    fields = TrafficRecord.model_fields
+    records: list[TrafficRecord] = []
+    for row in _read_table(root, info).to_pylist():
+        data = {k: v for k, v in row.items() if k in fields}
+        if isinstance(data.get("slots"), str):
+            data["slots"] = json.loads(data["slots"])
+        records.append(TrafficRecord(**data))
+    return records
+
+
+def read_audio(root: str, record: TrafficRecord) -> tuple[np.ndarray, int]:
+    """The stored audio of ``record``: float32 samples (±1.0 full scale) and the rate.
+
+    Raises:
+        ValueError: the record has no stored audio.
+    """
+    if not record.audio:
+        raise ValueError(f"record {record.request_id!r} has no stored audio (audio='')")
+    samples, rate = sf.read(io.BytesIO(_Store(root).read(record.audio)), dtype="float32")
+    return samples, int(rate)
+
+
+def uncommitted(root: str) -> list[str]:
+    """Leftovers of interrupted commits, as paths relative to ``root``: temporary files
+    and Parquet files without a marker.
+
+    A writer that is committing right now has such files for a moment, so a janitor
+    should only remove entries older than a few minutes.
+    """
+    store = _Store(root)
+    leftovers = store.glob(f"{_BATCHES}/dt=*/hour=*/*{_TMP}*")
+    markers = set(store.glob(f"{_BATCHES}/dt=*/hour=*/*{_MARKER}"))
+    for rel in store.glob(f"{_BATCHES}/dt=*/hour=*/*{_PARQUET}"):
+        if rel[: -len(_PARQUET)] + _MARKER not in markers:
+            leftovers.append(rel)
+    return sorted(leftovers)
