@@ -1,4 +1,5 @@
-"""Student benchmark: teacher fp32 vs student (fp32, PTQ int8, QAT int8), streaming.
+"""Student benchmark: teacher fp32 vs student (fp32, PTQ int8, QAT int8), streaming, and
+the held-out voice family — every figure of issue 12's acceptance in one run.
 
 Everything is measured in ONE run on ONE machine, latency on ONE thread:
 
@@ -12,6 +13,10 @@ Everything is measured in ONE run on ONE machine, latency on ONE thread:
   network weight files on disk (the LM folder, the same for both, is reported apart).
 - **Streaming**: audio fed in chunk-sized pieces in real time order; per chunk a partial
   transcript; p50/p95 of the time from the last piece to the final result.
+- **Voices never heard**: the deployed student and the teacher on ``test_heldout`` (the
+  test sentences spoken by the held-out voice family) beside ``test``, with the intent
+  ECE (calibration), and the previous recipe's student (session 3,
+  ``benchmarks/results/student_session3.json``) in the same table.
 
 Every figure is given for both transcript decoders when the models carry an ``lm/``
 folder: ``greedy`` (CTC best path: the networks alone) and ``lm`` (lexicon + word
@@ -49,7 +54,8 @@ from model.nn.export import export_onnx, quantize_bundle
 from model.nn.package import load_package
 from voiceloop.settings import load_settings
 
-METRICS = ("intent_accuracy", "slot_f1", "wer", "semer", "exact_match")
+METRICS = ("intent_accuracy", "slot_f1", "wer", "semer", "exact_match", "ece")
+PREVIOUS = Path(__file__).resolve().parent / "results" / "student_session3.json"
 
 
 def _clips(settings, n: int, rate: int) -> list[np.ndarray]:
@@ -180,6 +186,16 @@ def main() -> None:
             v["accuracy"][decoder] = _accuracy(rows, v["make"](batch, decoder == "lm"), feats)
             print(f"{name} [{decoder}]: {v['accuracy'][decoder]} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
+    # The held-out voice family: the deployed student and the teacher, LM decoder.
+    result["heldout"] = {}
+    heldout_decoder = "lm" if "lm" in decoders else "greedy"
+    for name in ("teacher fp32 (torch)", "student QAT int8 (ORT, deployed)"):
+        v = variants[name]
+        rows_h, feats_h = load_split(settings, "test_heldout", False, v["features"])
+        result["heldout"][name] = _accuracy(rows_h, v["make"](batch, heldout_decoder == "lm"),
+                                            feats_h)
+        print(f"{name} on test_heldout [{heldout_decoder}]: {result['heldout'][name]}",
+              flush=True)
     rows, feats = cache[repr(student.features)]
     for decoder in decoders:
         result["streaming_accuracy"][decoder] = {}
@@ -223,6 +239,26 @@ def main() -> None:
             "size_ratio_vs_teacher": round(teacher_v["bytes"] / v["bytes"], 2),
         }
     deployed = result["variants"]["student QAT int8 (ORT, deployed)"]
+    d = "lm" if "lm" in decoders else "greedy"
+    s_acc, held = deployed["accuracy"][d], result["heldout"]["student QAT int8 (ORT, deployed)"]
+    # Issue 12: the released int8 student with its LM, template-held-out test split.
+    result["acceptance_issue12"] = {
+        "intent_accuracy >= 0.96": s_acc["intent_accuracy"],
+        "slot_f1 >= 0.80": s_acc["slot_f1"],
+        "wer <= 0.12": s_acc["wer"],
+        "semer <= 0.25": s_acc["semer"],
+        "exact_match >= 0.60": s_acc["exact_match"],
+        "speedup_p50 >= 4": deployed["speedup_vs_teacher_p50"][d],
+        "p50_ms <= 15": deployed["latency"][d]["p50_ms"],
+        "heldout_intent_gap_points <= 5": round(
+            100 * (s_acc["intent_accuracy"] - held["intent_accuracy"]), 2),
+        "heldout_wer_ratio <= 1.5": round(held["wer"] / max(s_acc["wer"], 1e-9), 3),
+        "heldout_ece <= 0.05": held["ece"],
+    }
+    if PREVIOUS.exists():
+        old = json.loads(PREVIOUS.read_text())["variants"]["student QAT int8 (ORT, deployed)"]
+        result["previous_student_session3"] = {"accuracy_lm": old["accuracy"].get("lm"),
+                                               "latency_lm": old["latency"].get("lm")}
     result["acceptance"] = {}
     for d in decoders:
         t_acc, s_acc = teacher_v["accuracy"][d], deployed["accuracy"][d]
@@ -254,7 +290,14 @@ def main() -> None:
             print(f"{'':{len(d) + 3}}{chunk if chunk != '0' else 'full':18}{a['chunk_ms'] or 0:>6.0f}"
                   f"{a['intent_accuracy']:>8.3f}{a['slot_f1']:>8.3f}{a['wer']:>8.3f}"
                   f"{a['semer']:>8.3f}")
-    print("\nacceptance:", json.dumps(result["acceptance"], indent=2))
+    print("\nacceptance (issue 4, teacher vs student):", json.dumps(result["acceptance"], indent=2))
+    print("acceptance (issue 12, released student):",
+          json.dumps(result["acceptance_issue12"], indent=2))
+    if "previous_student_session3" in result:
+        prev = result["previous_student_session3"]["accuracy_lm"] or {}
+        print(f"\n{'figure':16}{'session 3':>12}{'this run':>12}")
+        for m in ("intent_accuracy", "slot_f1", "wer", "semer", "exact_match"):
+            print(f"{m:16}{prev.get(m, float('nan')):>12.4f}{s_acc[m]:>12.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
