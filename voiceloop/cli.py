@@ -7,11 +7,14 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from voiceloop.settings import load_settings
+
+if TYPE_CHECKING:
+    from monitoring.alerts import AlertStore
 
 app = typer.Typer(
     help=(
@@ -336,11 +339,17 @@ def lm_command(
 
 @app.command()
 def predict(
-    model: ModelOpt,
     manifest: Annotated[
         Path, typer.Option(help="JSON Lines input; each line has at least `id` and `audio`.")
     ],
     out: Annotated[Path, typer.Option(help="JSON Lines output, one prediction per input line.")],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Default: the released model (release/student). "
+                     "Otherwise a torch model folder (weights.pt + config.json), an ONNX "
+                     "deploy bundle, an MLflow pyfunc model folder, or an MLflow URI such as "
+                     "models:/voiceloop-slu@production."),
+    ] = None,
     params: ParamsOpt = None,
     workspace: WorkspaceOpt = None,
     batch_size: Annotated[int, typer.Option(help="Utterances per forward pass.")] = 16,
@@ -359,6 +368,16 @@ def predict(
 
     _setup_logging(quiet)
     settings = load_settings(params, None, workspace)
+    if model is None:
+        from voiceloop.release import default_model
+
+        released = default_model()
+        if released is None:
+            typer.secho("no --model given and the repository has no released model "
+                        "(release/student): train one or pass --model", fg=typer.colors.RED,
+                        err=True)
+            raise typer.Exit(2)
+        model = str(released)
     summary = predict_stage(settings, model, manifest, out, batch_size, progress=not quiet,
                             use_lm=lm)
     typer.echo(
@@ -409,6 +428,196 @@ def serve(
     uvicorn.run(application, host=host or settings.serving.host,
                 port=settings.serving.port if port is None else port,
                 log_level="warning" if quiet else "info", access_log=not quiet)
+
+
+@app.command()
+def simulate(
+    url: Annotated[str, typer.Option(
+        help="Base URL of the running service, e.g. http://127.0.0.1:8000.")],
+    scenario: Annotated[str, typer.Option(
+        help="Scenario of params.yaml `simulator.scenarios`: baseline (the training "
+             "distribution), accent_shift (accents and a voice never trained on), "
+             "noise_shift (low SNR, reverb, telephone band), domain_shift (timers and "
+             "shopping lists instead of lights and climate), new_values (unseen area and "
+             "device names), ramp (baseline turning into another scenario over the run).")],
+    requests: Annotated[int | None, typer.Option(
+        min=1, help="Send at most this many requests (default simulator.requests).")] = None,
+    rate: Annotated[float | None, typer.Option(
+        min=0, help="Target requests per second over all clients; 0 = as fast as they go "
+                    "(default simulator.rate).")] = None,
+    seed: Annotated[int | None, typer.Option(
+        min=0, help="Seed: the same seed renders the same utterances, voices, rooms, "
+                    "devices and feedback (default: params.yaml seed).")] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        min=1, help="Client threads = requests in flight at most "
+                    "(default simulator.concurrency).")] = None,
+    max_seconds: Annotated[float | None, typer.Option(
+        min=0.001, help="Start no request after this many seconds, setup included; "
+                        "requests in flight then finish or time out "
+                        "(default simulator.max_seconds).")] = None,
+    timeout: Annotated[float | None, typer.Option(
+        min=0.001, help="Per-request HTTP timeout in seconds "
+                        "(default simulator.timeout_s).")] = None,
+    ramp_to: Annotated[str | None, typer.Option(
+        help="For a ramp scenario: the scenario it ramps to (default: the ramp's `end` "
+             "in params.yaml, accent_shift).")] = None,
+    render_workers: Annotated[int | None, typer.Option(
+        min=0, help="Processes rendering TTS + augmentation ahead of the clients; 0 = one "
+                    "per core, 1 = a thread (default simulator.render_workers).")] = None,
+    profile: ProfileOpt = None,
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Drive a running service with simulated users and print what happened.
+
+    Renders the scenario's utterances (grammar sentences, TTS voices, room and noise
+    augmentation) and sends them as WAV uploads to `POST URL/v1/understand`, each from
+    one of `simulator.devices` simulated users (`X-Device-Id`). Users compare each answer
+    with what they meant and sometimes send implicit feedback (`POST URL/v1/feedback`:
+    repeat or correction; probabilities in `simulator.feedback`). Stops after
+    `--requests` requests or `--max-seconds`, whichever comes first.
+
+    The ground truth of every answered request goes to the annotation store
+    (`WORKSPACE/annotations/dt=DATE/RUN.jsonl`, keyed by the service's request id), never
+    to the traffic store. The report (requests, errors, latency percentiles, accuracy,
+    feedback, routes, the scenario mixture used) is printed and written to
+    `WORKSPACE/simulations/TIMESTAMP-SCENARIO.json`.
+    """
+    from serving.simulator import simulate as run_simulation
+
+    _setup_logging(quiet)
+    settings = load_settings(params, profile, workspace)
+    try:
+        report = run_simulation(
+            url, scenario, settings=settings, requests=requests, rate=rate, seed=seed,
+            concurrency=concurrency, max_seconds=max_seconds, timeout_s=timeout,
+            render_workers=render_workers, ramp_to=ramp_to, progress=not quiet,
+        )
+    except ConnectionError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
+    except ValueError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from exc
+    out = settings.simulations_dir / f"{report.started_at:%Y%m%dT%H%M%SZ}-{report.scenario}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.model_dump_json(indent=2), encoding="utf-8")
+    typer.echo(report.to_table())
+    typer.echo(f"  → {out}")
+
+
+alerts_app = typer.Typer(
+    help=(
+        "Drift alerts raised by the monitor (stored in `WORKSPACE/monitoring/alerts.db`).\n\n"
+        "One alert per drift *episode*: the first drifted window raises it, further drifted "
+        "windows join it, and `monitoring.alerts.close_after` clean windows in a row close "
+        "it. Status: open → acknowledged (`ack`) → closed (episode over)."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+app.add_typer(alerts_app, name="alerts")
+
+
+def _alert_store(params: Path | None, profile: str | None, workspace: Path | None) -> AlertStore:
+    from monitoring.alerts import AlertStore
+
+    settings = load_settings(params, profile, workspace)
+    # Reading and acknowledging deliver nothing: no sinks, so a CLI call never posts.
+    return AlertStore.for_workspace(settings.workspace, settings.monitoring.alerts, sinks=[])
+
+
+@alerts_app.command("list")
+def alerts_list(
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print a JSON array of the alerts (full signals) instead of a table.")
+    ] = False,
+    all_: Annotated[bool, typer.Option(
+        "--all", help="Every alert (acknowledged and closed too), not only the open ones.")
+    ] = False,
+    profile: ProfileOpt = None,
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """List drift alerts, newest first: the open (unacknowledged) ones unless `--all`.
+
+    The table shows the alert id (for `voiceloop alerts ack ID`), status, when it was
+    raised, the model version judged, the drifted windows of its episode so far, and
+    the signals that crossed their thresholds in the latest drifted window.
+    """
+    store = _alert_store(params, profile, workspace)
+    alerts = store.list(None if all_ else "open")
+    if as_json:
+        typer.echo(json.dumps([a.model_dump(mode="json") for a in alerts], indent=2))
+        return
+    if not alerts:
+        typer.echo("no alerts" if all_ else "no open alerts (--all shows the others)")
+        return
+    typer.echo(f"{'id':>4}  {'status':<12}  {'created (UTC)':<19}  {'model':<12}  "
+               f"{'windows':>7}  drifted signals")
+    for a in alerts:
+        typer.echo(f"{a.id:>4}  {a.status:<12}  {a.created:%Y-%m-%d %H:%M:%S}  "
+                   f"{(a.model_version or '?')[:12]:<12}  {a.drifted_windows:>7}  "
+                   f"{', '.join(a.drifted_signal_names) or '-'}")
+
+
+@alerts_app.command("ack")
+def alerts_ack(
+    alert_id: Annotated[int, typer.Argument(metavar="ID", help="The alert's id (see `list`).")],
+    by: Annotated[str | None, typer.Option(
+        help="Who acknowledges (default: $USER).")] = None,
+    profile: ProfileOpt = None,
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Acknowledge an alert: someone is on it, so `list` stops showing it as open.
+
+    The episode goes on: it still collects drifted windows and closes after enough
+    clean ones. Exit code 1 for an unknown or closed alert.
+    """
+    import getpass
+
+    store = _alert_store(params, profile, workspace)
+    who = by or getpass.getuser()
+    try:
+        alert = store.acknowledge(alert_id, who)
+    except (LookupError, ValueError) as exc:
+        typer.secho(str(exc).strip("'\""), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"alert {alert.id} acknowledged by {alert.acknowledged_by} "
+               f"at {alert.acknowledged_at:%Y-%m-%d %H:%M:%S} UTC")
+
+
+@app.command()
+def release(
+    profile: ProfileOpt = None,
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Release folder (default: release/ in the "
+                                             "repository).")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Package the profile's trained student and teacher as the repository's released
+    model: `release/student/` (int8 ONNX bundle + LM: the default model of `predict` and
+    `serve`, and the loop's seed production model), `release/teacher/` (fp16), and a
+    model card (`MODEL_CARD.md`, `release.json`) with data, recipe, params hash, git
+    commit, test metrics per slice (template-held-out test split and held-out voices),
+    latency and sizes. Refuses to write more than 15 MB.
+    """
+    from voiceloop.release import make_release
+
+    _setup_logging(quiet)
+    settings = load_settings(params, profile, workspace)
+    report = make_release(settings, out, progress=not quiet)
+    m = report.card["metrics"]["student_int8_test"]
+    h = report.card["metrics"]["student_int8_test_heldout"]
+    typer.echo(
+        f"released {report.folder} ({report.bytes / 1e6:.1f} MB): test intent "
+        f"{m['intent_accuracy']:.1%}, slot F1 {m['slot_f1']:.1%}, WER {m['wer']:.1%}, SemER "
+        f"{m['semer']:.1%}; held-out voices intent {h['intent_accuracy']:.1%}, WER "
+        f"{h['wer']:.1%}, ECE {h['ece']:.3f}; p50 {report.card['latency']['student_int8_lm_p50_ms']} ms"
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point

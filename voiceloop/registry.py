@@ -6,14 +6,29 @@ One registered model (``tracking.registered_model``, ``voiceloop-slu``) with ali
 traffic) is a tag on the registered model (``serving.canary_share_tag``), so the
 service, the promotion flow and a person in the MLflow UI see and change one truth.
 Aliases are resolved by name, never by scanning versions.
+
+**Exactly one ``production``, at every moment.** An MLflow alias names one version and
+moving it is one write, so production is never absent as long as it is only ever
+*moved*, never deleted. Multi-step changes (promote: ``previous`` ← old production,
+``production`` ← candidate, drop ``canary``; roll back: the reverse) first write their
+intent to the registered-model tag ``rollout_journal``; :meth:`Registry.recover` finishes
+an interrupted change on the next start (every step is idempotent), so a flow that dies
+between two alias moves leaves a state that is valid and gets completed.
+
+Rollout history lives in version tags: ``gate.*`` (the offline gate's verdict),
+``canary.step<N>`` (each canary step's analysis), ``rollout.status`` /
+``rollout.reason`` / ``rollout.at`` (promoted, rolled back, …).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -21,11 +36,12 @@ from mlflow.tracking import MlflowClient
 from voiceloop.settings import Settings
 from voiceloop.tracking import make_client, mlflow_scope
 
-__all__ = ["ALIASES", "Registry", "VersionRef"]
+__all__ = ["ALIASES", "JOURNAL_TAG", "Registry", "VersionRef"]
 
 log = logging.getLogger(__name__)
 
 ALIASES: tuple[str, ...] = ("production", "canary", "candidate", "previous")
+JOURNAL_TAG = "rollout_journal"
 
 
 @dataclass(frozen=True)
@@ -122,3 +138,144 @@ class Registry:
         tmp.rename(target)
         marker.touch()
         return target / "model"
+
+    # ------------------------------------------------------------------ history tags
+
+    def tag_version(self, version: str, tags: dict[str, Any]) -> None:
+        """Set version tags (values JSON-encoded unless they are strings)."""
+        for key, value in tags.items():
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            self.client.set_model_version_tag(self.name, version, key, text[:5000])
+
+    def version_tags(self, version: str) -> dict[str, str]:
+        return dict(self.client.get_model_version(self.name, version).tags)
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Every version with its aliases and tags, newest first (the registry table)."""
+        aliases: dict[str, list[str]] = {}
+        for alias, version in self.aliases().items():
+            aliases.setdefault(version, []).append(alias)
+        rows = []
+        for mv in self.client.search_model_versions(f"name='{self.name}'"):
+            rows.append({"version": str(mv.version), "aliases": sorted(aliases.get(str(mv.version), [])),
+                         "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC),
+                         "run_id": mv.run_id, "tags": dict(mv.tags)})
+        return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
+
+    def _stamp(self, version: str, status: str, reason: str) -> None:
+        self.tag_version(version, {"rollout.status": status, "rollout.reason": reason,
+                                   "rollout.at": datetime.now(UTC).isoformat(timespec="seconds")})
+
+    # ------------------------------------------------------------------ alias moves
+
+    def _journal(self, entry: dict[str, Any] | None) -> None:
+        if entry is None:
+            self.client.delete_registered_model_tag(self.name, JOURNAL_TAG)
+        else:
+            self.client.set_registered_model_tag(self.name, JOURNAL_TAG, json.dumps(entry))
+
+    def journal(self) -> dict[str, Any] | None:
+        """The change in progress (None when none is)."""
+        try:
+            text = self.client.get_registered_model(self.name).tags.get(JOURNAL_TAG)
+        except MlflowException:
+            return None
+        return json.loads(text) if text else None
+
+    def _set(self, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(self.name, alias, version)
+
+    def _drop(self, alias: str, only_if: str | None = None) -> None:
+        """Remove ``alias`` (when it points at ``only_if``, if given)."""
+        ref = self.alias(alias)
+        if ref is not None and (only_if is None or ref.version == only_if):
+            self.client.delete_registered_model_alias(self.name, alias)
+
+    def set_production(self, version: str, reason: str) -> None:
+        """Point ``production`` at ``version`` directly (seeding an empty registry, tests)."""
+        self._set("production", version)
+        self._stamp(version, "production", reason)
+
+    def start_canary(self, version: str, share: float) -> None:
+        """``canary`` → ``version`` at ``share`` percent (production untouched)."""
+        self._set("canary", version)
+        self.set_canary_share(share)
+        self._stamp(version, "canary", f"canary at {share:g} %")
+
+    def promote(self, version: str, reason: str, crash_after: int | None = None) -> None:
+        """Make ``version`` production; the old production becomes ``previous``; the
+        canary share drops to 0 and ``canary`` / ``candidate`` aliases pointing at it go.
+
+        ``crash_after``: tests stop after that many steps, like a dying flow.
+        """
+        old = self.alias("production")
+        entry = {"op": "promote", "version": version, "from": old.version if old else None,
+                 "reason": reason, "started": datetime.now(UTC).isoformat(timespec="seconds")}
+        self._journal(entry)
+        self._run(entry, crash_after)
+
+    def rollback(self, reason: str, to: str | None = None, crash_after: int | None = None) -> str:
+        """Roll back: with a canary, stop it (share 0, ``canary`` removed, the canary
+        version tagged with ``reason``); without one, move ``production`` back to
+        ``to`` (default: ``previous``, which is then cleared so that a second rollback
+        cannot re-install the bad version). Returns the production version afterwards.
+
+        Raises:
+            LookupError: nothing to roll back to (no canary and no ``previous``).
+        """
+        canary, production = self.alias("canary"), self.alias("production")
+        if canary is not None and (production is None or canary.version != production.version):
+            entry = {"op": "abort_canary", "version": canary.version, "reason": reason}
+        else:
+            target = to or (self.alias("previous").version if self.alias("previous") else None)
+            if target is None or production is None:
+                raise LookupError("nothing to roll back to: no canary and no `previous` version")
+            entry = {"op": "restore", "version": target, "from": production.version,
+                     "reason": reason}
+        self._journal(entry)
+        self._run(entry, crash_after)
+        current = self.alias("production")
+        assert current is not None
+        return current.version
+
+    def recover(self) -> dict[str, Any] | None:
+        """Finish a change a dead flow left half done; returns it (None if none was)."""
+        entry = self.journal()
+        if entry is not None:
+            log.warning("finishing an interrupted registry change: %s", entry)
+            self._run(entry, None)
+        return entry
+
+    def _run(self, entry: dict[str, Any], crash_after: int | None) -> None:
+        """Apply a journalled change step by step (each step idempotent)."""
+        v = entry["version"]
+        if entry["op"] == "promote":
+            steps = [
+                lambda: self._set("previous", entry["from"]) if entry["from"] and entry["from"] != v else None,
+                lambda: self._set("production", v),
+                lambda: self.set_canary_share(0.0),
+                lambda: self._drop("canary"),
+                lambda: self._drop("candidate", only_if=v),
+                lambda: self._stamp(v, "promoted", entry["reason"]),
+            ]
+        elif entry["op"] == "abort_canary":
+            steps = [
+                lambda: self.set_canary_share(0.0),
+                lambda: self._drop("canary"),
+                lambda: self._stamp(v, "rolled_back", entry["reason"]),
+            ]
+        elif entry["op"] == "restore":
+            # `previous` is used up: a second rollback must not bring the bad version back.
+            steps = [
+                lambda: self._set("production", v),
+                lambda: self._drop("previous", only_if=v),
+                lambda: self._stamp(entry["from"], "rolled_back", entry["reason"]),
+                lambda: self._stamp(v, "production", f"restored: {entry['reason']}"),
+            ]
+        else:
+            raise ValueError(f"unknown registry change {entry['op']!r}")
+        for i, step in enumerate(steps):
+            if crash_after is not None and i >= crash_after:
+                raise RuntimeError(f"simulated crash after step {i} of {entry['op']}")
+            step()
+        self._journal(None)

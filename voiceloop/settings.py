@@ -9,6 +9,7 @@ reads ``params.yaml`` directly.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,17 +17,30 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "AlertSettings",
     "AugmentSettings",
+    "CalibrationSettings",
+    "CategoricalDriftSettings",
     "CorpusSettings",
     "DecodeSettings",
+    "DriftSettings",
+    "EmbeddingDriftSettings",
     "FeatureSettings",
+    "FeedbackSettings",
     "HeldoutVoiceSettings",
+    "IngestSettings",
+    "LogSinkSettings",
     "LossSettings",
     "ModelSettings",
+    "MonitoringSettings",
     "NoiseSettings",
+    "NumericalDriftSettings",
+    "RampSettings",
     "ReverbSettings",
+    "ScenarioSettings",
     "ServingSettings",
     "Settings",
+    "SimulatorSettings",
     "SpecAugmentSettings",
     "SplitSettings",
     "TTSSettings",
@@ -34,7 +48,9 @@ __all__ = [
     "TrafficSettings",
     "TrainSettings",
     "ValidationSettings",
+    "ValueOverrides",
     "WarpSettings",
+    "WebhookSinkSettings",
     "load_settings",
     "repo_root",
 ]
@@ -449,6 +465,424 @@ class ServingSettings(_Strict):
     traffic: TrafficSettings = TrafficSettings()
 
 
+NumericalDriftMethod = Literal["wasserstein", "psi", "jensenshannon", "hellinger", "kl_div", "ed"]
+CategoricalDriftMethod = Literal["jensenshannon", "psi", "hellinger", "kl_div"]
+
+
+def _positive_thresholds(value: dict[str, float]) -> dict[str, float]:
+    bad = {k: v for k, v in value.items() if not v > 0}
+    if bad:
+        raise ValueError(f"thresholds must be positive, got {bad}")
+    return value
+
+
+class NumericalDriftSettings(_Strict):
+    """Drift of the numerical columns (audio signal features and numerical prediction
+    features, ``monitoring.schema``): one Evidently ``ValueDrift`` per column.
+
+    ``method`` is an Evidently stat test whose score is a *distance* (higher = more
+    drift): with thousands of rows per window a p-value test flags shifts too small to
+    matter, while a distance measures the size of the shift. ``wasserstein`` is the first
+    Wasserstein distance divided by the reference's standard deviation (0.1 = the
+    distribution moved by a tenth of a standard deviation). A column drifts when its
+    score reaches its threshold (``thresholds[column]``, else ``threshold``); the window
+    shows *data drift* when at least ``min_drifted`` columns drift (one column alone is
+    too often a measurement artefact, e.g. latency under load).
+    """
+
+    method: NumericalDriftMethod = "wasserstein"
+    threshold: float = Field(0.1, gt=0)
+    thresholds: dict[str, float] = {}
+    min_drifted: int = Field(2, ge=1)
+
+    _thresholds = field_validator("thresholds")(_positive_thresholds)
+
+
+class CategoricalDriftSettings(_Strict):
+    """Prediction drift on the distributions of the categorical answer columns
+    (``intent``, ``domain``, ``clarify``): one Evidently ``ValueDrift`` per column with a
+    distance ``method`` (``jensenshannon``: Jensen-Shannon distance, natural log, 0-0.83).
+    Any column reaching its threshold (``thresholds[column]``, else ``threshold``) is
+    *prediction drift*."""
+
+    method: CategoricalDriftMethod = "jensenshannon"
+    threshold: float = Field(0.1, gt=0)
+    thresholds: dict[str, float] = {}
+
+    _thresholds = field_validator("thresholds")(_positive_thresholds)
+
+
+class EmbeddingDriftSettings(_Strict):
+    """Drift of the encoder embeddings (``emb_*``), Evidently ``EmbeddingsDrift``.
+
+    Embedding drift is the expensive signal (Evidently also draws a t-SNE map of the
+    rows it is given), so it runs on a seeded sample of at most ``sample_rows`` rows of
+    each side, projected on the first ``pca_components`` principal components of the
+    reference (fitted on the whole reference, whitened, so each component has unit
+    variance; 0 keeps the raw dimensions). ``method``: an Evidently embedding drift
+    method (``distance``: the ``distance`` metric between the two mean embeddings;
+    ``mmd``, ``ratio``, ``model``: see ``embedding_drift_methods``), all scored
+    higher-is-drift against ``threshold``. The ``distance`` threshold is tied to the
+    sample size: with no drift the distance between the two means of ``k`` whitened
+    components is about ``sqrt(2 k / sample_rows)`` (0.18 for 16 components and 1000
+    rows), so change ``threshold`` with ``sample_rows`` (or calibrate it). With fewer
+    than ``min_rows`` comparable rows on either side (same ``embedding_model`` as the
+    reference, finite values) the signal is skipped.
+    """
+
+    method: Literal["distance", "mmd", "ratio", "model"] = "distance"
+    distance: Literal["euclidean", "cosine", "cityblock", "chebyshev"] = "euclidean"
+    sample_rows: int = Field(1000, ge=50, le=2500)
+    pca_components: int = Field(16, ge=0)
+    min_rows: int = Field(200, ge=10)
+    threshold: float = Field(0.3, gt=0)
+
+
+class CalibrationSettings(_Strict):
+    """How ``monitoring.drift.calibrate_thresholds`` sets thresholds from baseline
+    windows (same-distribution windows held apart from the reference *and* from the
+    windows later judged): each distance threshold becomes the ``quantile`` of its
+    scores over the baseline windows times ``margin``; at least ``min_windows``
+    windows are required."""
+
+    quantile: float = Field(0.95, gt=0.5, lt=1)
+    margin: float = Field(1.25, ge=1)
+    min_windows: int = Field(20, ge=2)
+
+
+class DriftSettings(_Strict):
+    """The drift decision rule (``monitoring.drift.decide_drift``).
+
+    A window of traffic (``window_rows`` most recent rows; thresholds are valid for the
+    window size they were calibrated on, and larger windows only lower the false-alarm
+    rate) is compared with the production model's reference. A window with fewer than
+    ``min_samples`` rows gets no decision (not drifted, marked insufficient). Otherwise
+    it is **drifted** when any of these holds:
+
+    - data drift: at least ``numerical.min_drifted`` numerical columns drift;
+    - prediction drift: any categorical answer column drifts;
+    - embedding drift: the embedding score reaches ``embedding.threshold``;
+    - performance: the label-free estimate of intent accuracy (mean calibrated
+      confidence) is more than ``max_accuracy_drop`` below the reference's.
+    """
+
+    window_rows: int = Field(2000, ge=10)
+    min_samples: int = Field(500, ge=10)
+    numerical: NumericalDriftSettings = NumericalDriftSettings()
+    categorical: CategoricalDriftSettings = CategoricalDriftSettings()
+    embedding: EmbeddingDriftSettings = EmbeddingDriftSettings()
+    max_accuracy_drop: float = Field(0.05, gt=0, le=1)
+    calibration: CalibrationSettings = CalibrationSettings()
+
+    @model_validator(mode="after")
+    def _samples(self) -> DriftSettings:
+        if self.min_samples > self.window_rows:
+            raise ValueError(f"min_samples {self.min_samples} > window_rows {self.window_rows}")
+        return self
+
+
+class LogSinkSettings(_Strict):
+    """The ``log`` alert sink: one log record per new alert at ``level``."""
+
+    level: Literal["info", "warning", "error", "critical"] = "warning"
+
+
+class WebhookSinkSettings(_Strict):
+    """The ``webhook`` alert sink: HTTP POST of the alert's JSON to ``url``.
+
+    Each attempt waits at most ``timeout_s`` seconds; a failed attempt (connection
+    error, timeout, non-2xx answer) is retried ``retries`` more times, ``backoff_s``
+    seconds apart (doubling). A delivery that still fails is logged and counted, never
+    raised into the flow. ``headers`` are added to the request (e.g. a token)."""
+
+    url: str | None = None
+    timeout_s: float = Field(5.0, gt=0)
+    retries: int = Field(2, ge=0)
+    backoff_s: float = Field(0.5, ge=0)
+    headers: dict[str, str] = {}
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://", value):
+            raise ValueError(f"webhook url must start with http:// or https://, got {value!r}")
+        return value
+
+
+class AlertSettings(_Strict):
+    """Drift alerts (``monitoring.alerts``), persisted in ``<workspace>/monitoring/alerts.db``.
+
+    Alerts are deduplicated per drift *episode*: the first drifted window opens an
+    episode and raises one alert; further drifted windows join it; the episode (and its
+    alert) closes after ``close_after`` consecutive clean windows. ``sinks``: where a new
+    alert is delivered: ``log`` and/or ``webhook`` (needs ``webhook.url``).
+    """
+
+    close_after: int = Field(3, ge=1)
+    sinks: list[Literal["log", "webhook"]] = ["log"]
+    log: LogSinkSettings = LogSinkSettings()
+    webhook: WebhookSinkSettings = WebhookSinkSettings()
+
+    @model_validator(mode="after")
+    def _webhook_url(self) -> AlertSettings:
+        if "webhook" in self.sinks and not self.webhook.url:
+            raise ValueError("alerts.sinks lists webhook but alerts.webhook.url is empty")
+        return self
+
+
+class IngestSettings(_Strict):
+    """Ingestion of committed traffic batches into the curated dataset
+    (``monitoring.ingest``; the checks are ``monitoring.traffic_suite``'s).
+
+    A request row is quarantined unless its stored audio decodes, is finite, has a rate
+    in ``[min_sample_rate, max_sample_rate]`` Hz (the store keeps the *uploaded* rate),
+    lasts ``[min_duration_s, max_duration_s]`` seconds, and has at most
+    ``max_silence_share`` silent 10 ms frames and ``max_clipping_share`` samples at full
+    scale (``monitoring.signal_features``). Embeddings are computed ``embed_batch_size``
+    utterances per forward pass. A batch failing with a transient error (``OSError``) is
+    tried ``retries`` more times, ``retry_backoff_s`` seconds apart (doubling), before it
+    is quarantined whole. ``dvc``: version the curated dataset with DVC after a run that
+    added data.
+    """
+
+    min_duration_s: float = Field(0.3, ge=0)
+    max_duration_s: float = Field(15.0, gt=0)
+    min_sample_rate: int = Field(8000, ge=1)
+    max_sample_rate: int = Field(48000, ge=1)
+    max_silence_share: float = Field(0.8, ge=0, le=1)
+    max_clipping_share: float = Field(0.01, ge=0, le=1)
+    embed_batch_size: int = Field(32, ge=1)
+    retries: int = Field(2, ge=0)
+    retry_backoff_s: float = Field(1.0, ge=0)
+    dvc: bool = True
+
+    @model_validator(mode="after")
+    def _ranges(self) -> IngestSettings:
+        if self.min_duration_s > self.max_duration_s:
+            raise ValueError(f"min_duration_s {self.min_duration_s} > max_duration_s "
+                             f"{self.max_duration_s}")
+        if self.min_sample_rate > self.max_sample_rate:
+            raise ValueError(f"min_sample_rate {self.min_sample_rate} > max_sample_rate "
+                             f"{self.max_sample_rate}")
+        return self
+
+
+class MonitoringSettings(_Strict):
+    """Traffic monitoring: ingestion (``ingest``), drift detection (``drift``) and
+    alerting (``alerts``)."""
+
+    ingest: IngestSettings = IngestSettings()
+    drift: DriftSettings = DriftSettings()
+    alerts: AlertSettings = AlertSettings()
+
+
+_SPOKEN = re.compile(r"^[a-z']+( [a-z']+)*$")
+_SCENARIO_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _merge_into(base: BaseModel, override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` as a dict with ``override`` applied: nested settings models merge key by
+    key (``noise: {snr_db: …}`` keeps the other noise fields), everything else (lists,
+    ranges, ``engine_weights``) is replaced whole."""
+    merged = base.model_dump()
+    for key, value in override.items():
+        current = getattr(base, key, None)
+        if isinstance(current, BaseModel) and isinstance(value, dict):
+            merged[key] = _merge_into(current, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class ValueOverrides(_Strict):
+    """Open-list values a scenario's users say instead of the training ones
+    (``model/data/values/<language>.yaml``). Each given list replaces the training list;
+    ``name`` and ``wildcards`` replace per key (HA entity domain / wildcard list), keys
+    not given keep their training values. Values are spoken forms: lower-case words."""
+
+    area: list[str] | None = None
+    floor: list[str] | None = None
+    name: dict[str, list[str]] | None = None
+    wildcards: dict[str, list[str]] | None = None
+
+    @model_validator(mode="after")
+    def _spoken(self) -> ValueOverrides:
+        lists: list[tuple[str, list[str]]] = []
+        for field in ("area", "floor"):
+            values = getattr(self, field)
+            if values is not None:
+                lists.append((field, values))
+        for field in ("name", "wildcards"):
+            for key, values in (getattr(self, field) or {}).items():
+                lists.append((f"{field}.{key}", values))
+        for where, values in lists:
+            if not values:
+                raise ValueError(f"values.{where} is empty")
+            bad = [v for v in values if not _SPOKEN.match(v)]
+            if bad:
+                raise ValueError(f"values.{where}: {bad} are not spoken forms "
+                                 "(lower-case words separated by single spaces)")
+            dup = sorted({v for v in values if values.count(v) > 1})
+            if dup:
+                raise ValueError(f"values.{where}: duplicated {dup}")
+        return self
+
+
+class RampSettings(_Strict):
+    """A mixture that moves linearly from scenario ``start`` to scenario ``end`` over a
+    run: request ``i`` of ``n`` comes from ``end`` with probability ``i / (n - 1)``."""
+
+    start: str = "baseline"
+    end: str
+
+
+class ScenarioSettings(_Strict):
+    """One simulated user population: who speaks, where, and what they ask.
+
+    A scenario is either a *population* (the fields below, each overriding the corpus'
+    training distribution) or a *mixture* of populations (``mix`` or ``ramp``, with no
+    overrides of its own).
+
+    Attributes:
+        description: one line for people (logged when a run starts).
+        tts: partial :class:`TTSSettings` over ``corpus.tts`` (e.g. ``engine_weights``,
+            ``espeak_accents``, ``festival_voices``, ``rate``); given fields replace the
+            corpus' whole. The held-out voice family is never drawn unless listed here.
+        augment: partial :class:`AugmentSettings` over ``corpus.augment``; nested
+            ``noise`` / ``reverb`` merge key by key.
+        domains: relative weights over the grammar's domains (``model.data.grammar.
+            DOMAINS``); a domain not listed is never asked. None: the corpus' own mix.
+        intents: relative weights of intents; intents not listed are never asked.
+            None: every intent of the corpus.
+        values: area / floor / device-name / wildcard lists replacing the training ones.
+        require_values: only sentences whose slots speak at least one value of
+            ``values`` (so that a new-values population really says new values).
+        mix: a static mixture: relative weights of other (population) scenarios.
+        ramp: a moving mixture from one population scenario to another.
+    """
+
+    description: str = ""
+    tts: dict[str, Any] = {}
+    augment: dict[str, Any] = {}
+    domains: dict[str, float] | None = None
+    intents: dict[str, float] | None = None
+    values: ValueOverrides = ValueOverrides()
+    require_values: bool = False
+    mix: dict[str, float] | None = None
+    ramp: RampSettings | None = None
+
+    @field_validator("domains", "intents", "mix")
+    @classmethod
+    def _weights(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
+        negative = {k: w for k, w in value.items() if w < 0}
+        if negative or sum(value.values()) <= 0:
+            raise ValueError(f"weights must be non-negative with a positive sum, got {value}")
+        return value
+
+    @field_validator("tts")
+    @classmethod
+    def _no_heldout(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "heldout" in value:
+            raise ValueError("tts.heldout cannot be set in a scenario: list the voices to "
+                             "speak with instead (e.g. festival_voices: [ked])")
+        return value
+
+    @model_validator(mode="after")
+    def _values_required(self) -> ScenarioSettings:
+        if self.require_values and self.values == ValueOverrides():
+            raise ValueError("require_values is set but the scenario has no values")
+        return self
+
+    @property
+    def is_mixture(self) -> bool:
+        return self.mix is not None or self.ramp is not None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ScenarioSettings:
+        if self.mix is not None and self.ramp is not None:
+            raise ValueError("a scenario has either mix or ramp, not both")
+        if self.is_mixture:
+            own = [f for f in ("tts", "augment", "domains", "intents", "require_values")
+                   if getattr(self, f)]
+            own += ["values"] if self.values != ValueOverrides() else []
+            if own:
+                raise ValueError(f"a mixture scenario (mix/ramp) cannot also set {own}: "
+                                 "put them in the scenarios it mixes")
+        return self
+
+    def tts_settings(self, base: TTSSettings) -> TTSSettings:
+        """``base`` (the corpus' voices) with this scenario's overrides, held-out family
+        removed. Raises ValueError (pydantic's) on an unknown field or bad value."""
+        merged = _merge_into(base, self.tts)
+        merged["heldout"] = None
+        return TTSSettings.model_validate(merged)
+
+    def augment_settings(self, base: AugmentSettings) -> AugmentSettings:
+        """``base`` (the corpus' augmentation) with this scenario's overrides."""
+        return AugmentSettings.model_validate(_merge_into(base, self.augment))
+
+
+class FeedbackSettings(_Strict):
+    """Implicit feedback simulated users give after an answer: with probability
+    ``p_wrong`` when the answer's frame (intent + slots) was wrong, ``p_right`` when it
+    was right. A feedback is a ``correction`` (carrying the true transcript) with
+    probability ``correction_share``, else a ``repeat``."""
+
+    p_wrong: float = Field(0.6, ge=0, le=1)
+    p_right: float = Field(0.02, ge=0, le=1)
+    correction_share: float = Field(0.5, ge=0, le=1)
+
+
+class SimulatorSettings(_Strict):
+    """The traffic simulator (``voiceloop simulate``, ``serving.simulator``).
+
+    A run sends at most ``requests`` requests and stops after ``max_seconds`` (setup
+    included) whichever comes first; in-flight requests then finish or time out
+    (``timeout_s``). ``rate``: target requests/s over all ``concurrency`` clients (0 = as
+    fast as they go). ``devices``: simulated users, each with a stable ``X-Device-Id``.
+    ``render_workers``: processes rendering TTS + augmentation ahead of the clients
+    (0 = one per core; 1 = a thread of this process); at most ``prefetch`` rendered
+    utterances wait. ``babble_utterances``: sentences rendered once per run to make
+    babble noise. ``annotations_root``: the annotation store; empty →
+    ``<workspace>/annotations`` (never inside the traffic store). ``log_every_s``: a
+    progress line at least this often.
+    """
+
+    requests: int = Field(200, ge=1)
+    max_seconds: float = Field(600.0, gt=0)
+    rate: float = Field(5.0, ge=0)
+    concurrency: int = Field(4, ge=1)
+    timeout_s: float = Field(30.0, gt=0)
+    devices: int = Field(50, ge=1)
+    render_workers: int = Field(1, ge=0)
+    prefetch: int = Field(32, ge=1)
+    babble_utterances: int = Field(16, ge=0)
+    log_every_s: float = Field(10.0, gt=0)
+    annotations_root: str | None = None
+    feedback: FeedbackSettings = FeedbackSettings()
+    scenarios: dict[str, ScenarioSettings] = {"baseline": ScenarioSettings()}
+
+    @model_validator(mode="after")
+    def _references(self) -> SimulatorSettings:
+        for name, scenario in self.scenarios.items():
+            if not _SCENARIO_NAME.match(name):
+                raise ValueError(f"scenario name {name!r}: use lower-case letters, digits "
+                                 "and _ (starting with a letter)")
+            parts = dict(scenario.mix or {})
+            if scenario.ramp is not None:
+                parts = {scenario.ramp.start: 1.0, scenario.ramp.end: 1.0}
+            for part in parts:
+                if part not in self.scenarios:
+                    raise ValueError(f"scenario {name!r} mixes unknown scenario {part!r}; "
+                                     f"defined: {sorted(self.scenarios)}")
+                if self.scenarios[part].is_mixture:
+                    raise ValueError(f"scenario {name!r} mixes {part!r}, itself a mixture; "
+                                     "only population scenarios can be mixed")
+        return self
+
+
 class Settings(_Strict):
     """Everything one run needs: profile name, seed, workspace and stage settings."""
 
@@ -463,6 +897,38 @@ class Settings(_Strict):
     student: StudentSettings = StudentSettings()
     tracking: TrackingSettings = TrackingSettings()
     serving: ServingSettings = ServingSettings()
+    simulator: SimulatorSettings = SimulatorSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
+
+    @model_validator(mode="after")
+    def _scenarios_resolve(self) -> Settings:
+        """Every population scenario's TTS and augmentation overrides must make valid
+        settings over this profile's corpus (fail at load, naming the scenario)."""
+        for name, scenario in self.simulator.scenarios.items():
+            if scenario.is_mixture:
+                continue
+            for part, resolve, base in (
+                ("tts", scenario.tts_settings, self.corpus.tts),
+                ("augment", scenario.augment_settings, self.corpus.augment),
+            ):
+                try:
+                    resolve(base)  # type: ignore[operator]
+                except ValueError as exc:
+                    raise ValueError(
+                        f"simulator.scenarios.{name}.{part} is invalid: {exc}") from exc
+        return self
+
+    @property
+    def annotations_root(self) -> Path:
+        """The annotation store (ground truth of simulated requests), apart from the
+        traffic store: ``simulator.annotations_root`` or ``<workspace>/annotations``."""
+        root = self.simulator.annotations_root
+        return Path(root) if root else self.workspace / "annotations"
+
+    @property
+    def simulations_dir(self) -> Path:
+        """Where ``voiceloop simulate`` writes its reports: ``<workspace>/simulations``."""
+        return self.workspace / "simulations"
 
     @property
     def traffic_root(self) -> str:

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 from model.data.augment import SOURCE_SEP, Augmenter, RIRBank, augment_rng
-from model.data.grammar import Grammar, GrammarReport, LabelledSentence
+from model.data.grammar import Grammar, GrammarReport, LabelledSentence, Template
 from model.data.manifest import AugmentStep, ManifestRow, read_manifest, write_manifest
 from model.data.parallel import pool_context
 from model.data.seeding import stable_rng
@@ -48,7 +48,9 @@ __all__ = [
     "PlannedUtterance",
     "QuarantinedUtterance",
     "build_corpus",
+    "corpus_templates",
     "load_corpus_rows",
+    "per_template_counts",
     "plan_corpus",
 ]
 
@@ -155,15 +157,32 @@ def _utterance_id(sentence: LabelledSentence) -> str:
     return f"u{digest[:12]}"
 
 
-def _per_template_counts(
-    templates: Sequence, settings: CorpusSettings
+def per_template_counts(
+    templates: Sequence[Template], settings: CorpusSettings
 ) -> dict[str, int]:
+    """Sentences the corpus samples from each template: ``utterances_per_template``,
+    raised for intents with few templates to reach ``min_utterances_per_intent``.
+    (Relative to each other, these are also how often the corpus speaks each template.)"""
     per_intent = Counter(t.intent for t in templates)
     counts = {}
     for t in templates:
         boost = math.ceil(settings.min_utterances_per_intent / per_intent[t.intent])
         counts[t.id] = max(settings.utterances_per_template, boost)
     return counts
+
+
+def corpus_templates(settings: Settings, grammar: Grammar) -> list[Template]:
+    """The templates (every split) the corpus of ``settings`` is built from: the profile's
+    ``max_templates`` / ``max_intents`` / ``intents`` selection, drawn with the corpus seed.
+    Deterministic; the traffic simulator's baseline speaks these templates too."""
+    cs = settings.corpus
+    return select_templates(
+        grammar.templates,
+        stable_rng(settings.seed, "select"),
+        max_templates=cs.max_templates,
+        max_intents=cs.max_intents,
+        intents=cs.intents,
+    )
 
 
 def plan_corpus(settings: Settings, grammar: Grammar | None = None) -> _Plan:
@@ -174,18 +193,12 @@ def plan_corpus(settings: Settings, grammar: Grammar | None = None) -> _Plan:
     """
     cs = settings.corpus
     grammar = grammar or Grammar.load(cs.language)
-    templates = select_templates(
-        grammar.templates,
-        stable_rng(settings.seed, "select"),
-        max_templates=cs.max_templates,
-        max_intents=cs.max_intents,
-        intents=cs.intents,
-    )
+    templates = corpus_templates(settings, grammar)
     split = split_templates(
         templates, cs.split.valid, cs.split.test, stable_rng(settings.seed, "split")
     )
     sentences, report = grammar.generate(
-        templates, _per_template_counts(templates, cs), stable_rng(settings.seed, "sample")
+        templates, per_template_counts(templates, cs), stable_rng(settings.seed, "sample")
     )
     if cs.max_utterances is not None and len(sentences) > cs.max_utterances:
         keep = stable_rng(settings.seed, "cap").choice(

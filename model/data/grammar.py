@@ -51,6 +51,8 @@ __all__ = [
     "LabelledSentence",
     "Template",
     "domain_of",
+    "load_values",
+    "predicted_domain",
 ]
 
 _VALUES_DIR = Path(__file__).parent / "values"
@@ -118,6 +120,49 @@ def domain_of(intent: str, entity_domains: Sequence[str]) -> str:
     if len(mapped) == 1:
         return mapped.pop()  # type: ignore[return-value]
     return "status" if intent == "HassGetState" else "devices"
+
+
+def predicted_domain(
+    intent: str,
+    slots: Iterable[Slot | Mapping[str, Any]],
+    values: Mapping[str, Any],
+) -> str:
+    """Coarse domain of a *prediction* (no template known): :func:`domain_of` with the
+    entity domains of the device the prediction names.
+
+    Args:
+        intent: the predicted intent.
+        slots: the predicted slots (``Slot`` or ``{"type", "value"}`` mappings); the values
+            of ``name`` slots are looked up among the device names.
+        values: the open-list values (:func:`load_values`, ``Grammar.values``); its
+            ``name`` entry maps Home Assistant entity domain → device names.
+
+    Returns:
+        One of :data:`DOMAINS`. A device name found under no (or several unrelated)
+        entity domains falls back as :func:`domain_of` says (``devices``, ``status``).
+    """
+    said = set()
+    for slot in slots:
+        kind, value = (slot.type, slot.value) if isinstance(slot, Slot) else (
+            slot.get("type"), slot.get("value"))
+        if kind == "name" and isinstance(value, str):
+            said.add(value)
+    names: Mapping[str, Sequence[str]] = values.get("name") or {}
+    entity_domains = sorted(d for d, listed in names.items() if said & set(listed))
+    return domain_of(intent, entity_domains)
+
+
+def load_values(language: str = "en", values_path: Path | None = None) -> dict[str, Any]:
+    """The open-list values of ``language`` (``values/<language>.yaml``): ``area``,
+    ``floor``, ``name`` (entity domain → device names), the wildcard lists.
+
+    Raises:
+        ValueError: no values file for ``language``.
+    """
+    values_path = values_path or _VALUES_DIR / f"{language}.yaml"
+    if not values_path.exists():
+        raise ValueError(f"no open-list values for {language!r}: {values_path} missing")
+    return yaml.safe_load(values_path.read_text(encoding="utf-8"))
 
 
 @dataclass(frozen=True)
@@ -208,11 +253,7 @@ class Grammar:
         intents_dict = get_intents(language)
         if intents_dict is None:
             raise ValueError(f"home-assistant-intents has no language {language!r}")
-        values_path = values_path or _VALUES_DIR / f"{language}.yaml"
-        if not values_path.exists():
-            raise ValueError(f"no open-list values for {language!r}: {values_path} missing")
-        values = yaml.safe_load(values_path.read_text(encoding="utf-8"))
-        return cls(Intents.from_dict(intents_dict), values)
+        return cls(Intents.from_dict(intents_dict), load_values(language, values_path))
 
     @property
     def intent_names(self) -> list[str]:

@@ -96,7 +96,8 @@ class BatchPredictor(ABC):
 
     Utterances are batched by length (``batch_size`` at most) to limit padding; results
     come back in input order. Subclasses implement :attr:`version` and
-    :meth:`_decode_batch`.
+    :meth:`_decode_batch`, and for :meth:`embed_waveforms` :attr:`embedding_dim` and
+    :meth:`_encode_batch`.
 
     Args:
         features: feature settings of the model.
@@ -145,6 +146,16 @@ class BatchPredictor(ABC):
     def _decode_batch(self, feats: Tensor, lengths: Tensor) -> BatchOutput:
         """Padded features ``(B, T, F)`` float32 and lengths ``(B,)`` int64 → outputs."""
 
+    @property
+    def embedding_dim(self) -> int:
+        """D, the width of the encoder output (and of :meth:`embed_waveforms` rows)."""
+        raise NotImplementedError(f"{type(self).__name__} does not give embeddings")
+
+    def _encode_batch(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Padded features ``(B, T, F)`` float32 and lengths ``(B,)`` int64 → encoder
+        output ``(B, T', D)`` and its valid lengths ``(B,)``."""
+        raise NotImplementedError(f"{type(self).__name__} does not give embeddings")
+
     def _transcribe(self, ctc_logits: Tensor, ctc_lengths: Tensor) -> list[str]:
         """``(B, T', C)`` CTC logits and ``(B,)`` lengths → B transcripts: the LM beam
         search when the predictor has one, else greedy CTC."""
@@ -187,6 +198,52 @@ class BatchPredictor(ABC):
                     slots=slots,
                 )
         return [results[i] for i in range(len(feats))]
+
+    @torch.no_grad()
+    def embed_waveforms(
+        self, waveforms: Sequence[np.ndarray], sample_rates: Sequence[int]
+    ) -> np.ndarray:
+        """Utterance embeddings: the encoder output mean-pooled over its valid frames.
+
+        Waveforms are prepared like :meth:`predict_waveforms` (down-mixed, resampled to
+        the model's rate) and encoded in length-sorted batches of ``batch_size``; padded
+        frames never enter the mean, so an utterance's embedding does not depend on the
+        batch it lands in (up to float rounding).
+
+        Args:
+            waveforms: N waveforms, each ``(samples,)`` or ``(samples, channels)``.
+            sample_rates: their N rates in Hz.
+
+        Returns:
+            ``(N, D)`` float32, in input order; a row of NaN for audio that cannot be used
+            (empty, non-finite, shorter than the encoder's shortest input).
+
+        Raises:
+            ValueError: ``waveforms`` and ``sample_rates`` differ in length.
+        """
+        if len(waveforms) != len(sample_rates):
+            raise ValueError(f"{len(waveforms)} waveforms but {len(sample_rates)} sample rates")
+        out = np.full((len(waveforms), self.embedding_dim), np.nan, dtype=np.float32)
+        target = self.feature_config.sample_rate
+        feats: dict[int, Tensor] = {}
+        for i, (audio, rate) in enumerate(zip(waveforms, sample_rates, strict=True)):
+            try:
+                feats[i] = self._features(prepare_waveform(audio, int(rate), target))
+            except AudioError:
+                continue  # stays NaN: the caller decides what an unusable row means
+        keys = sorted(feats)
+        for batch in length_sorted_batches([feats[k].shape[0] for k in keys], self.batch_size):
+            idx = [keys[j] for j in batch]
+            lengths = torch.tensor([feats[i].shape[0] for i in idx])
+            padded = torch.nn.utils.rnn.pad_sequence([feats[i].float() for i in idx],
+                                                     batch_first=True)
+            enc, enc_lengths = self._encode_batch(padded, lengths)  # (B, T', D), (B,)
+            enc = enc.float()
+            valid = torch.arange(enc.size(1))[None, :] < enc_lengths[:, None]  # (B, T')
+            summed = (enc * valid[..., None]).sum(dim=1)  # (B, D)
+            pooled = summed / enc_lengths.clamp(min=1)[:, None].to(summed.dtype)
+            out[idx] = pooled.numpy()
+        return out
 
     def to_prediction(self, uid: str, decoded: Decoded) -> Prediction:
         return decoded_to_prediction(uid, decoded, self.version, self.clarify_threshold)
@@ -272,13 +329,26 @@ class SLUPredictor(BatchPredictor):
     def version(self) -> str:
         return self.package.version
 
-    @torch.no_grad()
-    def _decode_batch(self, feats: Tensor, lengths: Tensor) -> BatchOutput:
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.model.cfg.encoder.d_model)
+
+    def _encode(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(B, T, F)``, ``(B,)`` → encodings ``(B, T', D)``, lengths ``(B,)``, pad mask."""
         mask = None
         if self.chunk:
             frames = int(self.model.encoder.subsampling.output_lengths(lengths).max())
             mask = chunk_attention_mask(frames, self.chunk)
-        enc, enc_lengths, pad = self.model.encode(feats, lengths, mask)
+        return self.model.encode(feats, lengths, mask)
+
+    @torch.no_grad()
+    def _encode_batch(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        enc, enc_lengths, _ = self._encode(feats, lengths)
+        return enc, enc_lengths
+
+    @torch.no_grad()
+    def _decode_batch(self, feats: Tensor, lengths: Tensor) -> BatchOutput:
+        enc, enc_lengths, pad = self._encode(feats, lengths)
         transcripts = self._transcribe(*self.model.ctc(enc, enc_lengths))
         parses = None
         if self.model.parse_decoder is not None:

@@ -79,6 +79,19 @@ class OnnxSLUPredictor(BatchPredictor):
     def version(self) -> str:
         return self.config.version
 
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.config.model.encoder.d_model)
+
+    def _encode_batch(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        # Asking for the two encoder outputs alone: ONNX Runtime then skips the heads.
+        encoder, enc_lengths = self.encoder.run(
+            ["encoder", "encoder_lengths"],
+            {"feats": feats.numpy().astype(np.float32, copy=False),
+             "lengths": lengths.numpy().astype(np.int64, copy=False)},
+        )
+        return torch.from_numpy(encoder), torch.from_numpy(enc_lengths)
+
     def _decode_batch(self, feats: Tensor, lengths: Tensor) -> BatchOutput:
         encoder, enc_lengths, ctc_logits, intent_logits = self.encoder.run(
             ["encoder", "encoder_lengths", "ctc_logits", "intent_logits"],

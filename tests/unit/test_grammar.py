@@ -5,7 +5,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from model.data.grammar import DOMAINS, Grammar, Template, domain_of
+from model.data.grammar import (
+    DOMAINS,
+    Grammar,
+    Template,
+    domain_of,
+    load_values,
+    predicted_domain,
+)
 from model.data.manifest import Slot
 from model.data.textnorm import is_spoken_form
 
@@ -125,3 +132,23 @@ def test_domain_of(intent: str, entity_domains: tuple[str, ...], domain: str) ->
 def test_load_unknown_language_raises() -> None:
     with pytest.raises(ValueError, match="language"):
         Grammar.load("xx-not-a-language")
+
+
+@pytest.mark.parametrize(
+    ("intent", "slots", "domain"),
+    [
+        ("HassTurnOn", [Slot(type="name", value="ceiling fan")], "climate"),
+        ("HassTurnOff", [{"type": "name", "value": "garage door"}], "covers"),
+        ("HassTurnOn", [Slot(type="area", value="kitchen"), Slot(type="name", value="desk lamp")],
+         "lights"),
+        ("HassTurnOn", [Slot(type="name", value="lava lamp")], "devices"),  # unknown device
+        ("HassTurnOn", [Slot(type="name", value="kettle")], "devices"),  # switch: no domain
+        ("HassGetState", [Slot(type="name", value="front door")], "security"),
+        ("HassGetState", [], "status"),
+        ("HassStartTimer", [Slot(type="name", value="desk lamp")], "timers"),  # intent decides
+        ("HassLightSet", [], "lights"),
+    ],
+)
+def test_predicted_domain(intent: str, slots: list, domain: str, grammar: Grammar) -> None:
+    assert predicted_domain(intent, slots, grammar.values) == domain
+    assert predicted_domain(intent, slots, load_values("en")) == domain

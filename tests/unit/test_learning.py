@@ -41,7 +41,7 @@ ROWS = [
 ]
 
 
-def _settings(tmp_path: Path):  # noqa: ANN202 - pydantic Settings
+def _settings(tmp_path: Path):
     s = load_settings(profile="tiny", workspace=tmp_path)
     # No perturbation and no masking: the test is whether the step can fit, not regularise.
     features = s.features.model_copy(update={
@@ -71,7 +71,7 @@ def _model(layers: int, causal: bool, seed: int) -> JointModel:
         decoder_layers=0, ctc_upsample=4))
 
 
-def _train(task, steps: int) -> list[float]:  # noqa: ANN001 - a FitTask
+def _train(task, steps: int) -> list[float]:
     opt = torch.optim.AdamW(task.param_groups(), lr=3e-3, weight_decay=0.0)
     np_rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
     losses = []

@@ -1,0 +1,99 @@
+"""The registry helper on a real SQLite MLflow: promotion and rollback keep exactly one
+``production`` at every moment — also when the flow dies between two alias moves — and
+every version's rollout history is readable from its tags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from voiceloop.registry import JOURNAL_TAG, Registry
+from voiceloop.settings import Settings, load_settings
+from voiceloop.tracking import make_client
+
+pytestmark = pytest.mark.integration
+
+
+def _registry(tmp_path: Path, versions: int = 3) -> tuple[Registry, list[str]]:
+    settings: Settings = load_settings(profile="tiny", workspace=tmp_path / "ws")
+    client = make_client(settings)
+    name = settings.tracking.registered_model
+    client.create_registered_model(name)
+    made = []
+    for i in range(versions):
+        folder = tmp_path / f"m{i}"
+        folder.mkdir()
+        made.append(str(client.create_model_version(name, source=str(folder)).version))
+    return Registry(settings, client), made
+
+
+def _production_count(reg: Registry) -> int:
+    return sum(1 for alias in reg.aliases() if alias == "production")
+
+
+def test_promote_keeps_previous_and_clears_the_canary(tmp_path: Path) -> None:
+    reg, (v1, v2, _) = _registry(tmp_path)
+    reg.set_production(v1, "seed")
+    reg.start_canary(v2, 5)
+    assert reg.canary_share() == 5 and reg.alias("canary").version == v2
+    reg.promote(v2, "canary passed 4 steps")
+    assert reg.aliases() == {"production": v2, "previous": v1}
+    assert reg.canary_share() == 0 and reg.journal() is None
+    tags = reg.version_tags(v2)
+    assert tags["rollout.status"] == "promoted" and "canary passed" in tags["rollout.reason"]
+
+
+@pytest.mark.parametrize("crash_after", range(6))
+def test_a_crash_between_alias_moves_leaves_one_production_and_recovers(
+    tmp_path: Path, crash_after: int,
+) -> None:
+    reg, (v1, v2, _) = _registry(tmp_path)
+    reg.set_production(v1, "seed")
+    reg.start_canary(v2, 25)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        reg.promote(v2, "passed", crash_after=crash_after)
+    # The dead flow left a valid state: one production, either the old or the new one.
+    assert _production_count(reg) == 1 and reg.alias("production").version in (v1, v2)
+    assert reg.journal() is not None
+    reg.recover()  # the next flow run finishes the change
+    assert reg.aliases() == {"production": v2, "previous": v1}
+    assert JOURNAL_TAG not in reg.client.get_registered_model(reg.name).tags
+
+
+def test_automatic_rollback_of_a_canary_and_manual_rollback_to_previous(tmp_path: Path) -> None:
+    reg, (v1, v2, v3) = _registry(tmp_path)
+    reg.set_production(v1, "seed")
+    reg.start_canary(v2, 25)
+    assert reg.rollback("canary step 2: intent disagreement 0.31 > 0.15") == v1
+    assert reg.aliases() == {"production": v1} and reg.canary_share() == 0
+    assert reg.version_tags(v2)["rollout.status"] == "rolled_back"
+    # A promoted version that turns out bad: `voiceloop rollback` restores `previous`.
+    reg.start_canary(v3, 5)
+    reg.promote(v3, "passed")
+    assert reg.rollback("users complain") == v1
+    assert reg.aliases() == {"production": v1}  # `previous` used up: no flip-flop back
+    assert reg.version_tags(v3)["rollout.status"] == "rolled_back"
+    with pytest.raises(LookupError, match="nothing to roll back"):
+        reg.rollback("again")
+
+
+@pytest.mark.parametrize("crash_after", range(4))
+def test_a_crash_during_manual_rollback_recovers(tmp_path: Path, crash_after: int) -> None:
+    reg, (v1, v2, _) = _registry(tmp_path)
+    reg.set_production(v1, "seed")
+    reg.promote(v2, "passed")
+    with pytest.raises(RuntimeError):
+        reg.rollback("bad", crash_after=crash_after)
+    assert _production_count(reg) == 1
+    reg.recover()
+    assert reg.aliases() == {"production": v1}
+
+
+def test_registry_table_lists_versions_with_aliases_and_history(tmp_path: Path) -> None:
+    reg, (v1, v2, v3) = _registry(tmp_path)
+    reg.set_production(v1, "seed")
+    reg.tag_version(v2, {"gate.result": "fail", "gate.reasons": ["slot_f1 -2.1 pt"]})
+    rows = reg.versions()
+    assert [r["version"] for r in rows] == [v3, v2, v1]
+    assert rows[2]["aliases"] == ["production"] and rows[1]["tags"]["gate.result"] == "fail"
