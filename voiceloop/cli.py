@@ -424,6 +424,17 @@ def serve(
     _setup_logging(quiet)
     settings = load_settings(params, profile, workspace)
     folder = resolve_model_uri(model, settings) if model else None
+    if folder is None:
+        from voiceloop.stages import seed_production
+
+        try:
+            seeded = seed_production(settings)
+            if seeded:
+                typer.echo(f"the registry had no production model: registered the released "
+                           f"model as version {seeded} (alias production)")
+        except FileNotFoundError as exc:
+            typer.secho(f"{exc}; starting unready (/readyz 503) until a production alias "
+                        "appears", fg=typer.colors.YELLOW, err=True)
     application = build_app(settings, folder, log_traffic, workers)
     uvicorn.run(application, host=host or settings.serving.host,
                 port=settings.serving.port if port is None else port,
@@ -618,6 +629,103 @@ def release(
         f"{m['semer']:.1%}; held-out voices intent {h['intent_accuracy']:.1%}, WER "
         f"{h['wer']:.1%}, ECE {h['ece']:.3f}; p50 {report.card['latency']['student_int8_lm_p50_ms']} ms"
     )
+
+
+@app.command()
+def ingest(
+    profile: ProfileOpt = None,
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="The model whose encoder embeds the samples (any form "
+        "`voiceloop predict` takes). Default: the registry's `production` version, seeded "
+        "from the released model when the registry is empty.")] = None,
+) -> None:
+    """Ingest production traffic now (the `voiceloop-ingest` Prefect flow, run by hand).
+
+    Picks up every committed traffic batch not yet ingested (idempotent by batch id),
+    validates audio and metadata with the Great Expectations traffic suite, quarantines
+    bad samples with their reasons, computes monitoring features (signal features, the
+    model's pooled encoder embedding, its answers), writes the curated dataset
+    (`WORKSPACE/curated/`) and versions it with DVC. Counts balance: requests = accepted +
+    quarantined.
+    """
+    from flows.ingest import ingest_flow
+
+    _setup_logging(False)
+    settings = load_settings(params, profile, workspace)
+    report = ingest_flow(settings.profile, str(settings.workspace), model)
+    typer.echo(f"ingested {len(report['batches'])} batches ({report['skipped']} already in the "
+               f"ledger): {report['requests']} requests = {report['accepted']} accepted + "
+               f"{report['quarantined']} quarantined; data version "
+               f"{report['data_version'] or '-'}\n  → {report['curated_root']}")
+
+
+@app.command()
+def monitor(
+    profile: ProfileOpt = None,
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="The model whose reference and embeddings to use (any form "
+        "`voiceloop predict` takes). Default: the registry's `production` version.")] = None,
+    window: Annotated[int | None, typer.Option(
+        help="Window size in samples (default monitoring.drift.window_rows).")] = None,
+) -> None:
+    """Check the latest window of ingested traffic for drift now (the `voiceloop-monitor`
+    Prefect flow, run by hand).
+
+    Evidently compares it with the model's reference (its own validation data, featurised
+    once per model version): column drift on signal features, prediction drift on intent,
+    domain, clarify and confidence, embedding drift; plus a label-free accuracy estimate.
+    Writes the HTML report under `WORKSPACE/monitoring/reports/`, logs it to MLflow, and on
+    a new drift episode raises an alert and the `voiceloop.drift.detected` event.
+    """
+    from flows.monitor import monitor_flow
+
+    _setup_logging(False)
+    settings = load_settings(params, profile, workspace)
+    result = monitor_flow(settings.profile, str(settings.workspace), model, window)
+    verdict = ("DRIFT: " + "; ".join(result.get("reasons", [])) if result["drifted"]
+               else "no drift" if result.get("sufficient") else "not enough samples to decide")
+    typer.echo(f"{verdict} (window {result['window']} samples)"
+               + (f", alert {result['alert_id']}" if result.get("alert_id") else "")
+               + (f"\n  report: {result['report_dir']}/drift.html" if result.get("report_dir") else ""))
+
+
+flows_app = typer.Typer(help="Prefect: the local server and the flow deployments.",
+                        no_args_is_help=True)
+app.add_typer(flows_app, name="flows")
+
+
+@flows_app.command("server")
+def flows_server(
+    port: Annotated[int, typer.Option(help="Port of the Prefect server and UI.")] = 4200,
+) -> None:
+    """Start a local Prefect server on 127.0.0.1 (UI at http://127.0.0.1:PORT). Point
+    other processes at it with PREFECT_API_URL=http://127.0.0.1:PORT/api."""
+    import os
+
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+    os.execvpe(sys.executable, [sys.executable, "-m", "prefect", "server", "start",
+                                "--host", "127.0.0.1", "--port", str(port)], env)
+
+
+@flows_app.command("serve")
+def flows_serve(
+    profile: ProfileOpt = None,
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Serve every flow deployment with its schedule (params.yaml `flows`): ingestion
+    every 10 min, drift monitoring hourly. Needs a Prefect server (`voiceloop flows
+    server`) and PREFECT_API_URL pointing at it; blocks until interrupted."""
+    from flows.deploy import serve_flows
+
+    _setup_logging(False)
+    settings = load_settings(params, profile, workspace)
+    serve_flows(settings, {"profile": settings.profile, "workspace": str(settings.workspace)})
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -27,6 +27,7 @@ __all__ = [
     "EmbeddingDriftSettings",
     "FeatureSettings",
     "FeedbackSettings",
+    "FlowSettings",
     "HeldoutVoiceSettings",
     "IngestSettings",
     "LogSinkSettings",
@@ -669,11 +670,25 @@ class IngestSettings(_Strict):
 
 class MonitoringSettings(_Strict):
     """Traffic monitoring: ingestion (``ingest``), drift detection (``drift``) and
-    alerting (``alerts``)."""
+    alerting (``alerts``). ``reference_split`` / ``reference_rows``: the production
+    model's own validation data that windows are compared with (featurised once per
+    model version)."""
 
     ingest: IngestSettings = IngestSettings()
     drift: DriftSettings = DriftSettings()
     alerts: AlertSettings = AlertSettings()
+    reference_split: str = "valid"
+    reference_rows: int = Field(2000, ge=50)
+
+
+class FlowSettings(_Strict):
+    """Prefect deployments (``voiceloop flows serve``): schedules of the flows, and the
+    event drift raises (a deployment trigger of the retraining flow listens for it)."""
+
+    ingest_every_minutes: float = Field(10.0, gt=0)
+    monitor_cron: str = "0 * * * *"
+    retrain_cron: str = "0 3 * * 1"
+    drift_event: str = "voiceloop.drift.detected"
 
 
 _SPOKEN = re.compile(r"^[a-z']+( [a-z']+)*$")
@@ -897,6 +912,7 @@ class Settings(_Strict):
     student: StudentSettings = StudentSettings()
     tracking: TrackingSettings = TrackingSettings()
     serving: ServingSettings = ServingSettings()
+    flows: FlowSettings = FlowSettings()
     simulator: SimulatorSettings = SimulatorSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
 

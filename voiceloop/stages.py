@@ -34,6 +34,7 @@ __all__ = [
     "distill_stage",
     "evaluate_stage",
     "predict_stage",
+    "seed_production",
     "train_stage",
     "validate_corpus",
 ]
@@ -193,3 +194,40 @@ def predict_stage(
     return predict_manifest(settings, resolve_model_uri(model_uri, settings), manifest, out,
                             batch_size, progress, use_lm)
 
+
+
+def seed_production(settings: Settings, bundle: Path | None = None) -> str | None:
+    """Give an empty registry its first ``production`` model: the released student
+    (``release/student``, or ``bundle``) logged as a pyfunc and registered. Returns the
+    new version, or None when the registry already has a production model.
+
+    Raises:
+        FileNotFoundError: no bundle given and the repository has no released model.
+    """
+    from serving.pyfunc import log_pyfunc, register_pyfunc
+    from voiceloop.registry import Registry
+    from voiceloop.release import default_model
+
+    registry = Registry(settings)
+    registry.recover()
+    if registry.alias("production") is not None:
+        return None
+    source = bundle or default_model()
+    if source is None:
+        raise FileNotFoundError("the registry has no production model and the repository no "
+                                "released model (release/student): train one, or serve --model")
+    tracker = RunLogger.start(settings, "seed-production",
+                              {"stage": "seed", "source": str(source)})
+    try:
+        info = log_pyfunc(tracker.client, tracker.run_id, source, "pyfunc", threads=1,
+                          batch_size=settings.decode.batch_size,
+                          max_parse_len=settings.decode.max_parse_len)
+        version = register_pyfunc(tracker.client, info, registry.name)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    registry.tag_version(version, {"source": str(source), "seed": "true"})
+    registry.set_production(version, f"seed production model from {source}")
+    log.info("registry was empty: %s version %s is now production", registry.name, version)
+    return version

@@ -1,0 +1,40 @@
+"""The deployments: every flow served by one process with its schedule and triggers.
+
+``voiceloop flows serve`` runs :func:`serve_flows` next to a Prefect server (``voiceloop
+flows server``, loopback); the runs, their artifacts and the drift events then show in
+the Prefect UI. Schedules come from ``params.yaml`` (``flows``).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from prefect import serve
+from prefect.deployments.runner import RunnerDeployment
+
+from flows.ingest import ingest_flow
+from flows.monitor import monitor_flow
+from voiceloop.settings import Settings
+
+__all__ = ["deployments", "serve_flows"]
+
+
+def deployments(settings: Settings, parameters: dict[str, Any]) -> list[RunnerDeployment]:
+    """The deployments for one profile/workspace (``parameters`` go to every flow)."""
+    f = settings.flows
+    return [
+        ingest_flow.to_deployment(
+            name="ingest", interval=timedelta(minutes=f.ingest_every_minutes),
+            parameters=parameters, tags=["voiceloop", "monitoring"],
+            description="Validate, featurise and version new production-traffic batches."),
+        monitor_flow.to_deployment(
+            name="monitor", cron=f.monitor_cron, parameters=parameters,
+            tags=["voiceloop", "monitoring"],
+            description="Drift check of the latest traffic window; raises the drift event."),
+    ]
+
+
+def serve_flows(settings: Settings, parameters: dict[str, Any]) -> None:
+    """Serve every deployment until interrupted (blocks)."""
+    serve(*deployments(settings, parameters))

@@ -1,0 +1,101 @@
+"""Drift references and monitoring windows: the two sides of every drift check.
+
+- :func:`build_reference` featurises a model's *own validation data* (the corpus'
+  ``valid`` split: the distribution the model was selected on) exactly as ingestion
+  featurises traffic — signal features of the audio, the model's answers, its pooled
+  encoder embeddings, the predicted domain — so reference and traffic columns mean the
+  same thing. It is computed once per model version and kept in the
+  :class:`monitoring.drift.ReferenceStore`.
+- :func:`load_window` reads the latest ``rows`` curated traffic rows embedded by a given
+  model (rows embedded by another model version are not comparable).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from model.data.corpus import CorpusLayout
+from model.data.grammar import load_values, predicted_domain
+from model.data.manifest import read_manifest
+from model.frontend.audio import load_audio
+from model.inference.batch import BatchPredictor
+from monitoring.schema import embedding_columns
+from monitoring.signal_features import signal_features_frame
+from voiceloop.settings import Settings
+
+__all__ = ["build_reference", "load_window"]
+
+_FEATURES = ("duration_s", "level_dbfs", "snr_db", "speaking_rate", "spectral_centroid_hz",
+             "silence_share", "clipping_share")
+
+
+def build_reference(settings: Settings, predictor: BatchPredictor, split: str = "valid",
+                    limit: int | None = 2000, chunk: int = 128) -> pd.DataFrame:
+    """The reference frame of ``predictor``'s model on corpus split ``split`` (at most
+    ``limit`` utterances, a fixed random subset), columns per ``monitoring.schema``.
+
+    ``latency_ms`` is NaN: the reference answers were not served, so the drift report
+    leaves that column to the traffic side's own history.
+
+    Raises:
+        FileNotFoundError: the corpus has no such split.
+    """
+    layout = CorpusLayout(settings.corpus_dir)
+    path = layout.manifest(split)
+    if not path.exists():
+        raise FileNotFoundError(f"no {split} manifest at {path}: build the corpus first")
+    rows = read_manifest(path)
+    if limit is not None and len(rows) > limit:
+        keep = np.random.default_rng(settings.seed).choice(len(rows), limit, replace=False)
+        rows = [rows[i] for i in sorted(keep)]
+    values = load_values(settings.corpus.language)
+    rate = predictor.feature_config.sample_rate
+    frames = []
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        waves = [load_audio(r.audio_path(layout.manifests_dir), rate) for r in part]
+        preds = predictor.predict_waveforms([r.id for r in part], waves, [rate] * len(part))
+        signal = signal_features_frame(waves, [rate] * len(part), [p.transcript for p in preds])
+        emb = predictor.embed_waveforms(waves, [rate] * len(part))
+        frame = pd.DataFrame({
+            "request_id": [r.id for r in part], "timestamp": pd.NaT, "batch_id": f"reference-{split}",
+            "device_id": None, "route": "production", "model_version": predictor.version,
+            "registry_version": None, "embedding_model": predictor.version,
+            "audio": [r.audio for r in part], "transcript": [p.transcript for p in preds],
+            "slots": [json.dumps([s.model_dump() for s in p.slots]) for p in preds],
+            **{name: signal[name].astype("float64").to_numpy() for name in _FEATURES},
+            "confidence": [p.confidence for p in preds], "latency_ms": math.nan,
+            "intent": [p.intent for p in preds],
+            "domain": [predicted_domain(p.intent, p.slots, values) for p in preds],
+            "clarify": [p.clarify for p in preds],
+        })
+        frames.append(pd.concat(
+            [frame, pd.DataFrame(emb, columns=embedding_columns(emb.shape[1]))], axis=1))
+    out = pd.concat(frames, ignore_index=True)
+    return out[np.isfinite(out[embedding_columns(predictor.embedding_dim)]).all(axis=1)]
+
+
+def load_window(curated: Path, embedding_model: str, rows: int) -> pd.DataFrame:
+    """The latest ``rows`` curated rows embedded by ``embedding_model`` (newest batches
+    first by batch id, then by timestamp), oldest first in the result."""
+    files = sorted((curated / "traffic").rglob("*.parquet"), key=lambda p: p.stem, reverse=True)
+    frames, total = [], 0
+    for path in files:
+        frame = pq.read_table(path).to_pandas()
+        frame = frame[frame["embedding_model"] == embedding_model]
+        if frame.empty:
+            continue
+        frames.append(frame)
+        total += len(frame)
+        if total >= rows:
+            break
+    if not frames:
+        return pd.DataFrame()
+    window = pd.concat(frames, ignore_index=True).sort_values("timestamp")
+    return window.tail(rows).reset_index(drop=True)
