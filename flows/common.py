@@ -18,9 +18,12 @@ __all__ = ["MonitoredModel", "flow_settings", "monitored_model"]
 log = logging.getLogger(__name__)
 
 
-def flow_settings(profile: str | None = None, workspace: str | None = None) -> Settings:
-    """``params.yaml`` for a flow run (flow parameters are plain strings)."""
-    return load_settings(None, profile, Path(workspace) if workspace else None)
+def flow_settings(profile: str | None = None, workspace: str | None = None,
+                  params: str | None = None) -> Settings:
+    """The settings of a flow run (flow parameters are plain strings): ``params`` (a
+    ``params.yaml`` path; default the repository's), its ``profile``, the ``workspace``."""
+    return load_settings(Path(params) if params else None, profile,
+                         Path(workspace) if workspace else None)
 
 
 @dataclass(frozen=True)

@@ -41,16 +41,17 @@ def ingest_markdown(report: IngestReport) -> str:
 
 @flow(name="voiceloop-ingest", log_prints=True)
 def ingest_flow(profile: str | None = None, workspace: str | None = None,
-                model: str | None = None) -> dict[str, Any]:
+                params: str | None = None, model: str | None = None) -> dict[str, Any]:
     """Validate, featurise and version every committed traffic batch not yet ingested.
 
     Args:
-        profile, workspace: which ``params.yaml`` profile and workspace.
+        profile, workspace, params: which profile of which ``params.yaml`` (default the
+            repository's), and which workspace.
         model: the model whose encoder embeds the samples (any form ``voiceloop predict``
             takes); default the registry's ``production`` version.
     """
     logger = get_run_logger()
-    settings = flow_settings(profile, workspace)
+    settings = flow_settings(profile, workspace, params)
     target = monitored_model(settings, model)
     report = ingest_task(settings, str(target.folder))
     logger.info("ingested %d batches: %d requests = %d accepted + %d quarantined",

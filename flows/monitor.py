@@ -82,19 +82,20 @@ def drift_markdown(decision: DriftDecision, target: MonitoredModel, report_dir: 
 
 @flow(name="voiceloop-monitor", log_prints=True)
 def monitor_flow(profile: str | None = None, workspace: str | None = None,
-                 model: str | None = None, window_rows: int | None = None) -> dict[str, Any]:
+                 params: str | None = None, model: str | None = None, window_rows: int | None = None) -> dict[str, Any]:
     """Compare the latest window of ingested traffic with the production model's
     reference; log the Evidently report and summary to MLflow; raise an alert and the
     drift event once per drift episode.
 
     Args:
-        profile, workspace: which ``params.yaml`` profile and workspace.
+        profile, workspace, params: which profile of which ``params.yaml`` (default the
+            repository's), and which workspace.
         model: the model whose reference and embeddings to use (any form ``voiceloop
             predict`` takes); default the registry's ``production`` version.
         window_rows: window size (default ``monitoring.drift.window_rows``).
     """
     logger = get_run_logger()
-    settings = flow_settings(profile, workspace)
+    settings = flow_settings(profile, workspace, params)
     target = monitored_model(settings, model)
     drift = settings.monitoring.drift
     thresholds = ReferenceStore.for_workspace(settings.workspace).load_thresholds(target.version)

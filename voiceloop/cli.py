@@ -654,7 +654,8 @@ def ingest(
 
     _setup_logging(False)
     settings = load_settings(params, profile, workspace)
-    report = ingest_flow(settings.profile, str(settings.workspace), model)
+    report = ingest_flow(settings.profile, str(settings.workspace),
+                         str(params) if params else None, model=model)
     typer.echo(f"ingested {len(report['batches'])} batches ({report['skipped']} already in the "
                f"ledger): {report['requests']} requests = {report['accepted']} accepted + "
                f"{report['quarantined']} quarantined; data version "
@@ -685,7 +686,8 @@ def monitor(
 
     _setup_logging(False)
     settings = load_settings(params, profile, workspace)
-    result = monitor_flow(settings.profile, str(settings.workspace), model, window)
+    result = monitor_flow(settings.profile, str(settings.workspace),
+                          str(params) if params else None, model=model, window_rows=window)
     verdict = ("DRIFT: " + "; ".join(result.get("reasons", [])) if result["drifted"]
                else "no drift" if result.get("sufficient") else "not enough samples to decide")
     typer.echo(f"{verdict} (window {result['window']} samples)"
@@ -726,6 +728,137 @@ def flows_serve(
     _setup_logging(False)
     settings = load_settings(params, profile, workspace)
     serve_flows(settings, {"profile": settings.profile, "workspace": str(settings.workspace)})
+
+
+@app.command("retrain-train", hidden=True)
+def retrain_train(
+    run_dir: Annotated[Path, typer.Option(help="A retraining run folder (spec.json + corpus).")],
+    profile: ProfileOpt = None,
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """The DVC stage `retrain`: fine-tune the teacher and distil the student of one
+    retraining run (the retraining flow runs it through `dvc exp run retrain`)."""
+    from voiceloop.retrain import train_candidate
+
+    _setup_logging(False)
+    settings = load_settings(params, profile, workspace)
+    out = train_candidate(settings, run_dir.resolve(), progress=False)
+    typer.echo(json.dumps(out.metrics, indent=2))
+
+
+@app.command()
+def retrain(
+    profile: ProfileOpt = None,
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+    corrupt_labels: Annotated[bool, typer.Option(
+        help="Shuffle the training intents: a deliberately bad candidate, to see the gate "
+             "and the canary catch it.")] = False,
+) -> None:
+    """Retrain now (the `voiceloop-retrain` Prefect flow, run by hand; it also runs on the
+    drift event and weekly).
+
+    Selects traffic the production model has seen since the last retraining: active
+    learning within the labelling budget (`retrain` in params.yaml: lowest confidence,
+    teacher/student disagreement, drifted regions of the embedding space; labels from the
+    annotation store), teacher pseudo-labels for confident samples, plus a replay sample
+    of the old corpus; then fine-tunes the teacher, distils the student with QAT, exports
+    int8 and registers the result as `candidate` with its lineage.
+    """
+    from flows.retrain import retrain_flow
+
+    _setup_logging(False)
+    settings = load_settings(params, profile, workspace)
+    result = retrain_flow(settings.profile, str(settings.workspace),
+                          str(params) if params else None, corrupt_labels=corrupt_labels,
+                          reason="manual")
+    if result["status"] != "registered":
+        typer.echo("nothing to retrain on yet (too few new samples)")
+        return
+    typer.echo(f"candidate version {result['version']} (run {result['run_id']}, trained "
+               f"{result['trained']}): labels {result['labelled']}/{result['budget']}, "
+               f"{result['pseudo']} pseudo-labels, {result['replay']} replayed")
+
+
+@app.command()
+def rollback(
+    reason: Annotated[str, typer.Option(help="Why (recorded on the version's tags).")] = "manual rollback",
+    to: Annotated[str | None, typer.Option(help="Version to restore (default: `previous`).")] = None,
+    profile: ProfileOpt = None,
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Roll back at once: a running canary is stopped (share 0, alias removed); without
+    one, `production` moves back to `previous` (or --to). Running services pick it up at
+    their next registry poll."""
+    from voiceloop.registry import Registry
+
+    settings = load_settings(params, profile, workspace)
+    registry = Registry(settings)
+    registry.recover()
+    try:
+        version = registry.rollback(reason, to)
+    except LookupError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"production is version {version}; aliases {registry.aliases()}")
+
+
+@app.command()
+def registry(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    profile: ProfileOpt = None,
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """The registered versions with their aliases and rollout history (gate verdict,
+    canary steps, promotion or rollback and why), newest first."""
+    from voiceloop.registry import Registry
+
+    settings = load_settings(params, profile, workspace)
+    reg = Registry(settings)
+    rows = reg.versions()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    typer.echo(f"{reg.name}: canary share {reg.canary_share():g} %")
+    typer.echo(f"{'version':>7}  {'aliases':22} {'status':12} {'gate':6} {'canary steps':14} reason")
+    for r in rows:
+        t = r["tags"]
+        steps = sorted(k for k in t if k.startswith("canary.step"))
+        passed = sum('"passed": true' in t[k] for k in steps)
+        typer.echo(f"{r['version']:>7}  {','.join(r['aliases']) or '-':22} "
+                   f"{t.get('rollout.status', '-'):12} {t.get('gate.result', '-'):6} "
+                   f"{f'{passed}/{len(steps)} passed' if steps else '-':14} "
+                   f"{t.get('rollout.reason', '')[:80]}")
+
+
+@app.command()
+def promote(
+    version: Annotated[str | None, typer.Option(help="Version to promote (default: the "
+                                                "`candidate` alias).")] = None,
+    profile: ProfileOpt = None,
+    params: ParamsOpt = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Promote the candidate (the `voiceloop-promote` Prefect flow, run by hand): the
+    offline gate (golden set + recent labelled traffic: per metric, per slice, an absolute
+    floor, negative flips), then canary stages (`promotion.canary.steps`) analysed on live
+    traffic against production, with automatic rollback; success moves `production` to
+    the candidate and keeps the old one as `previous`. Needs a running service with
+    traffic for the canary stages."""
+    from flows.promote import promote_flow
+
+    _setup_logging(False)
+    settings = load_settings(params, profile, workspace)
+    result = promote_flow(settings.profile, str(settings.workspace),
+                          str(params) if params else None, version=version)
+    if result["status"] == "nothing":
+        typer.echo("no candidate to promote")
+        return
+    typer.echo(f"version {result['version']} {result['status']}: {result['reason']}\n"
+               f"production is version {result['production']}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -196,6 +196,12 @@ class Registry:
         self._set("production", version)
         self._stamp(version, "production", reason)
 
+    def reject(self, version: str, reason: str) -> None:
+        """A candidate that failed the offline gate: tagged, ``candidate`` alias removed
+        (it never served, so nothing else moves)."""
+        self._drop("candidate", only_if=version)
+        self._stamp(version, "rejected", reason)
+
     def start_canary(self, version: str, share: float) -> None:
         """``canary`` → ``version`` at ``share`` percent (production untouched)."""
         self._set("canary", version)

@@ -6,8 +6,10 @@ model, with a model card — produced from the pipeline's outputs, never assembl
 - ``student/`` — the int8 ONNX deploy bundle with its transcript LM: what
   ``voiceloop predict`` and ``voiceloop serve`` use when no model is given, and the seed
   ``production`` model of the loop;
+- ``student_model/`` — the same student as a torch package (fp16 weights, no LM): the
+  retraining flow warm-starts new students from it;
 - ``teacher/`` — the teacher it was distilled from, fp16 weights (the retraining flow
-  distils new students from it), with its own LM;
+  fine-tunes it and distils new students from it), with its own LM;
 - ``MODEL_CARD.md`` and ``release.json`` — data, recipe, params hash, git commit, test
   metrics overall and per slice on the template-held-out test split and on the held-out
   voice family, latency, sizes.
@@ -43,7 +45,9 @@ from model.nn.export import is_bundle
 from model.nn.package import load_package, save_package
 from voiceloop.settings import Settings, repo_root
 
-__all__ = ["RELEASE_DIR", "ReleaseReport", "default_model", "make_release"]
+__all__ = [
+    "RELEASE_DIR", "ReleaseReport", "default_model", "make_release", "model_card", "released_models",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,16 @@ def default_model() -> Path | None:
     """The released student bundle, when the repository has one."""
     folder = RELEASE_DIR / "student"
     return folder if is_bundle(folder) else None
+
+
+def released_models() -> dict[str, Path] | None:
+    """The released student bundle, student torch package and teacher (None when the
+    repository has no complete release)."""
+    parts = {"bundle": RELEASE_DIR / "student", "student": RELEASE_DIR / "student_model",
+             "teacher": RELEASE_DIR / "teacher"}
+    ok = is_bundle(parts["bundle"]) and all((parts[k] / "weights.pt").is_file()
+                                            for k in ("student", "teacher"))
+    return parts if ok else None
 
 
 def _git_commit() -> str:
@@ -109,9 +123,11 @@ def _summary(report: EvaluationReport) -> dict[str, Any]:
                        for family, by_value in report.slices.items()}}
 
 
-def _half_teacher(teacher_dir: Path, out: Path) -> None:
-    """The teacher package with fp16 weights (load_package casts them back to fp32)."""
-    package = load_package(teacher_dir)
+def _half_package(folder: Path, out: Path, keep_lm: bool = True) -> None:
+    """A torch package with fp16 weights (load_package casts them back to fp32)."""
+    package = load_package(folder)
+    if not keep_lm:
+        package.lm_dir = None
     package.model.half()
     save_package(package, out)
     package.model.float()
@@ -146,7 +162,8 @@ def make_release(settings: Settings, out: Path | None = None, progress: bool = T
     staging = Path(tempfile.mkdtemp(prefix="release-", dir=out.parent))
     try:
         shutil.copytree(bundle, staging / "student")
-        _half_teacher(teacher_dir, staging / "teacher")
+        _half_package(student_root / "model", staging / "student_model", keep_lm=False)
+        _half_package(teacher_dir, staging / "teacher")
         size = folder_bytes(staging, (".onnx", ".pt", ".arpa", ".txt", ".json"))
         if size > MAX_RELEASE_BYTES:
             raise ValueError(f"release would be {size / 1e6:.1f} MB > 15 MB")

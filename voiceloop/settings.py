@@ -20,6 +20,9 @@ __all__ = [
     "AlertSettings",
     "AugmentSettings",
     "CalibrationSettings",
+    "CanaryMetricSettings",
+    "CanarySettings",
+    "CanaryStepSettings",
     "CategoricalDriftSettings",
     "CorpusSettings",
     "DecodeSettings",
@@ -28,6 +31,8 @@ __all__ = [
     "FeatureSettings",
     "FeedbackSettings",
     "FlowSettings",
+    "GateFloorSettings",
+    "GateSettings",
     "HeldoutVoiceSettings",
     "IngestSettings",
     "LogSinkSettings",
@@ -36,7 +41,10 @@ __all__ = [
     "MonitoringSettings",
     "NoiseSettings",
     "NumericalDriftSettings",
+    "PromotionSettings",
     "RampSettings",
+    "RetrainSettings",
+    "RetrainStepSettings",
     "ReverbSettings",
     "ScenarioSettings",
     "ServingSettings",
@@ -681,6 +689,179 @@ class MonitoringSettings(_Strict):
     reference_rows: int = Field(2000, ge=50)
 
 
+class RetrainStepSettings(_Strict):
+    """One warm-started training of the retraining flow (teacher or student): a short
+    fine-tune, so a lower peak LR and a short warm-up."""
+
+    epochs: int = Field(3, ge=1)
+    max_minutes: float | None = Field(5.0, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    warmup_steps: int = Field(30, ge=0)
+    threads: int = Field(1, ge=1)
+
+
+class RetrainSettings(_Strict):
+    """The retraining flow (``flows/retrain.py``).
+
+    ``base_profile``: the corpus profile whose train split is replayed against forgetting
+    and whose test split is the gate's fixed golden set (its template split must equal
+    the production model's training split: ``quick`` uses every template of ``full``).
+    Labels: ``label_fraction`` of the traffic pool, at most ``max_labels``, chosen by
+    active learning; teacher pseudo-labels for samples whose calibrated teacher confidence
+    is at least ``pseudo_threshold``. ``replay_utterances`` old-corpus utterances join the
+    new ones (``replay_ratio`` × new at least). ``min_new_samples``: fewer new samples →
+    no retraining. ``valid_utterances``: validation subset per split during training.
+    ``dvc_experiment``: run the training stages as ``dvc exp run retrain`` when the
+    workspace lies inside the repository (DVC tracks outputs inside the repo only).
+    """
+
+    base_profile: str = "quick"
+    label_fraction: float = Field(0.05, ge=0, le=1)
+    max_labels: int = Field(200, ge=0)
+    pseudo_threshold: float = Field(0.9, ge=0, le=1)
+    replay_utterances: int = Field(1500, ge=0)
+    replay_ratio: float = Field(2.0, ge=0)
+    min_new_samples: int = Field(30, ge=1)
+    valid_utterances: int = Field(400, ge=10)
+    teacher: RetrainStepSettings = RetrainStepSettings()
+    student: RetrainStepSettings = RetrainStepSettings(max_minutes=5.0, lr=1e-3)
+    dvc_experiment: bool = True
+
+
+GateMetric = Literal["intent_accuracy", "slot_f1", "slu_f1", "exact_match", "semer", "wer", "cer"]
+"""``MetricSet`` rates the offline gate can compare (``monitoring.gate`` knows which way
+each one is better)."""
+
+
+def _non_negative_limits(value: dict[str, float]) -> dict[str, float]:
+    bad = {k: v for k, v in value.items() if not v >= 0}
+    if bad:
+        raise ValueError(f"limits must be non-negative numbers, got {bad}")
+    return value
+
+
+class GateFloorSettings(_Strict):
+    """Absolute floors on the golden set that every candidate must meet, whatever
+    production scores (a bad model must not pass because production is bad too, and the
+    very first model has nothing to be compared with). Fractions: 0.85 = 85 %."""
+
+    min_intent_accuracy: float = Field(0.85, ge=0, le=1)
+    max_semer: float = Field(0.55, ge=0)
+
+
+class GateSettings(_Strict):
+    """The offline gate (``monitoring.gate``): candidate vs production on each evaluation
+    set (the fixed golden set ``golden_set`` and, when there is one, labelled traffic).
+
+    ``max_regression_pt``: per metric, how far the candidate may be worse than production,
+    in percentage points (intent accuracy 0.5 = candidate ≥ production − 0.5 pt; SemER
+    1.0 = candidate ≤ production + 1.0 pt); only the metrics listed are checked.
+    ``slice_max_regression_pt``: the same for every slice (family/value) with at least
+    ``min_slice_n`` utterances in both reports; looser, because a slice is smaller.
+    ``max_latency_increase`` / ``max_size_increase``: p50 latency and bundle size may
+    grow by at most this fraction (0.2 = +20 %). ``max_negative_flip_rate``: at most this
+    fraction of a set's utterances may be exactly right for production and wrong for the
+    candidate. ``floor``: absolute floors on the golden set.
+    """
+
+    golden_set: str = "golden"
+    max_regression_pt: dict[GateMetric, float] = {
+        "intent_accuracy": 0.5, "slot_f1": 1.0, "semer": 1.0, "wer": 1.0,
+    }
+    slice_max_regression_pt: dict[GateMetric, float] = {"intent_accuracy": 5.0, "semer": 5.0}
+    min_slice_n: int = Field(100, ge=1)
+    max_latency_increase: float = Field(0.2, ge=0)
+    max_size_increase: float = Field(0.2, ge=0)
+    max_negative_flip_rate: float = Field(0.01, ge=0, le=1)
+    floor: GateFloorSettings = GateFloorSettings()
+
+    _limits = field_validator("max_regression_pt", "slice_max_regression_pt")(
+        _non_negative_limits)
+
+
+class CanaryStepSettings(_Strict):
+    """How one canary step is waited for (Flagger's ``interval``, Argo's ``count``).
+
+    The flow re-analyses the step every ``interval_s`` seconds until both routes have
+    answered at least ``min_samples`` requests since the step began (requests, per
+    route), and gives up after ``max_wait_s`` seconds: a step still inconclusive then is
+    not promoted (the flow rolls back)."""
+
+    interval_s: float = Field(60.0, gt=0)
+    min_samples: int = Field(200, ge=1)
+    max_wait_s: float = Field(1800.0, gt=0)
+
+    @model_validator(mode="after")
+    def _interval(self) -> CanaryStepSettings:
+        if self.interval_s > self.max_wait_s:
+            raise ValueError(f"interval_s {self.interval_s} > max_wait_s {self.max_wait_s}")
+        return self
+
+
+class CanaryMetricSettings(_Strict):
+    """Metric templates of the canary analysis (``monitoring.canary``): each compares the
+    canary route with the production route over the same step. Rates are fractions
+    (0.01 = 1 pt).
+
+    - ``max_error_rate_increase``: malformed answers (no intent and no clarify, or a
+      confidence that is not a number in [0, 1]): canary − production ≤ this.
+    - ``max_latency_p95_ratio`` / ``max_latency_p95_ms``: server-side p95 latency:
+      canary ≤ production × ratio and ≤ this many milliseconds.
+    - ``max_clarify_rate_increase``: canary − production ≤ this.
+    - ``max_intent_distance``: Jensen–Shannon distance (natural log, 0–0.83) between
+      the two routes' intent distributions; fails only when it is also significant: a
+      permutation test (``permutations`` reshuffles of the pooled rows) gives
+      p < ``intent_alpha`` (small samples alone make the distance large).
+    - ``max_feedback_rate_increase``: share of requests that drew implicit feedback:
+      canary − production ≤ this.
+    - ``max_confidence_drop``: mean calibrated confidence (label-free accuracy estimate):
+      canary ≥ production − this.
+    """
+
+    max_error_rate_increase: float = Field(0.01, ge=0, le=1)
+    max_latency_p95_ratio: float = Field(1.5, ge=1)
+    max_latency_p95_ms: float = Field(1000.0, gt=0)
+    max_clarify_rate_increase: float = Field(0.05, ge=0, le=1)
+    max_intent_distance: float = Field(0.1, gt=0)
+    intent_alpha: float = Field(0.01, gt=0, lt=1)
+    permutations: int = Field(200, ge=20)
+    max_feedback_rate_increase: float = Field(0.03, ge=0, le=1)
+    max_confidence_drop: float = Field(0.03, ge=0, le=1)
+
+
+class CanarySettings(_Strict):
+    """The canary rollout (Flagger's ``spec.analysis``, Argo Rollouts' AnalysisRun).
+
+    ``steps``: canary traffic shares in percent, increasing (Flagger's stepWeights); the
+    last is normally 100. ``failure_limit``: a step fails when more than this many
+    metric checks fail (Argo's ``failureLimit``: 0 = any failed check fails the step).
+    ``step``: how long each step waits and on how many requests; ``metrics``: the limits.
+    """
+
+    steps: list[float] = [5.0, 25.0, 50.0, 100.0]
+    failure_limit: int = Field(0, ge=0)
+    step: CanaryStepSettings = CanaryStepSettings()
+    metrics: CanaryMetricSettings = CanaryMetricSettings()
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("canary steps must not be empty")
+        if any(not 0 < s <= 100 for s in value):
+            raise ValueError(f"canary steps must lie in (0, 100] percent, got {value}")
+        if sorted(set(value)) != value:
+            raise ValueError(f"canary steps must increase strictly, got {value}")
+        return value
+
+
+class PromotionSettings(_Strict):
+    """Promotion of a retrained candidate: the offline ``gate``, then the ``canary``."""
+
+    gate: GateSettings = GateSettings()
+    canary: CanarySettings = CanarySettings()
+
+
 class FlowSettings(_Strict):
     """Prefect deployments (``voiceloop flows serve``): schedules of the flows, and the
     event drift raises (a deployment trigger of the retraining flow listens for it)."""
@@ -913,6 +1094,8 @@ class Settings(_Strict):
     tracking: TrackingSettings = TrackingSettings()
     serving: ServingSettings = ServingSettings()
     flows: FlowSettings = FlowSettings()
+    promotion: PromotionSettings = PromotionSettings()
+    retrain: RetrainSettings = RetrainSettings()
     simulator: SimulatorSettings = SimulatorSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
 

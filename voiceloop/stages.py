@@ -206,7 +206,7 @@ def seed_production(settings: Settings, bundle: Path | None = None) -> str | Non
     """
     from serving.pyfunc import log_pyfunc, register_pyfunc
     from voiceloop.registry import Registry
-    from voiceloop.release import default_model
+    from voiceloop.release import default_model, released_models
 
     registry = Registry(settings)
     registry.recover()
@@ -227,7 +227,12 @@ def seed_production(settings: Settings, bundle: Path | None = None) -> str | Non
         tracker.finish("FAILED")
         raise
     tracker.finish()
-    registry.tag_version(version, {"source": str(source), "seed": "true"})
+    tags = {"source": str(source), "seed": "true"}
+    released = released_models()
+    if released is not None and Path(source).resolve() == released["bundle"].resolve():
+        # Lineage the retraining flow warm-starts from (voiceloop.retrain).
+        tags |= {"teacher": str(released["teacher"]), "student_package": str(released["student"])}
+    registry.tag_version(version, tags)
     registry.set_production(version, f"seed production model from {source}")
     log.info("registry was empty: %s version %s is now production", registry.name, version)
     return version

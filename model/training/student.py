@@ -433,13 +433,17 @@ def train_student(
     train_rows, train_raw = load_split(settings, "train", progress, raw_cfg, raw=True)
     train_rows, train_raw = random_subset(
         train_rows, train_raw, ts.max_train_utterances, settings.seed + 1)
-    student_cfg = student_features(settings, raw_cfg, train_raw)
+    init = load_package(init_from) if init_from is not None else None
+    # A warm start keeps its input normalisation: new statistics would shift every input.
+    student_cfg = (init.features if init is not None
+                   else student_features(settings, raw_cfg, train_raw))
     train = SLUDataset(train_rows, train_raw, ctc_vocab, vocab)
     validator = Validator(settings, student_cfg, vocab, ctc_vocab, progress, ts.eval_max_utterances)
 
-    student = build_model(settings, vocab, ctc_vocab, st.model)
-    if init_from is not None and not (resume and layout.last.exists()):
-        warm_start(student, load_package(init_from), vocab, ctc_vocab)
+    student = (JointModel(init.model.cfg) if init is not None
+               else build_model(settings, vocab, ctc_vocab, st.model))
+    if init is not None and not (resume and layout.last.exists()):
+        warm_start(student, init, vocab, ctc_vocab)
         log.info("student warm-started from %s", init_from)
     rates = (ctc_frame_ms(student, raw_cfg.hop_ms), ctc_frame_ms(teacher, raw_cfg.hop_ms))
     if rates[0] != rates[1]:

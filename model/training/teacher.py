@@ -31,6 +31,7 @@ from model.frontend.cache import feature_config, load_split, random_subset
 from model.frontend.features import FeatureConfig, SpecAugment
 from model.frontend.warp import FeatureWarp
 from model.nn.network import JointModel
+from model.nn.package import ModelPackage, load_package
 from model.nn.tokens import CTCVocab, ParseVocab
 from model.training.dataset import SLUDataset, collate
 from model.training.fit import (
@@ -149,16 +150,20 @@ class TeacherTask(FitTask):
 
 
 def teacher_data(
-    settings: Settings, progress: bool
+    settings: Settings, progress: bool, init: ModelPackage | None = None,
 ) -> tuple[SLUDataset, ParseVocab, CTCVocab, FeatureConfig]:
-    """The training set (raw cached features) with the teacher's vocabularies."""
+    """The training set (raw cached features) with the teacher's vocabularies: built
+    from the grammar and training rows, or the warm-start model's (``init``), whose heads
+    must keep meaning the same units."""
     ts = settings.train
-    grammar = Grammar.load(settings.corpus.language)
     rows, raw = load_split(settings, "train", progress, raw=True)
     rows, raw = random_subset(rows, raw, ts.max_train_utterances, settings.seed + 1)
-    vocab = build_vocab(grammar, rows)
-    ctc_vocab = build_ctc_vocab(settings, vocab)
-    return SLUDataset(rows, raw, ctc_vocab, vocab), vocab, ctc_vocab, feature_config(settings)
+    if init is not None:
+        vocab, ctc_vocab, features = init.parse_vocab, init.ctc_vocab, init.features
+    else:
+        vocab = build_vocab(Grammar.load(settings.corpus.language), rows)
+        ctc_vocab, features = build_ctc_vocab(settings, vocab), feature_config(settings)
+    return SLUDataset(rows, raw, ctc_vocab, vocab), vocab, ctc_vocab, features
 
 
 def train_teacher(
@@ -167,6 +172,7 @@ def train_teacher(
     resume: bool = True,
     out_dir: Path | None = None,
     tracker: Tracker | None = None,
+    init_from: Path | None = None,
 ) -> TrainResult:
     """Train the teacher on the corpus of ``settings.profile``.
 
@@ -177,6 +183,9 @@ def train_teacher(
         out_dir: run folder (default ``<models_dir>/teacher``).
         tracker: where to log params, per-step and per-epoch metrics, plots and the model
             (the stage layer passes an MLflow run); None logs nowhere.
+        init_from: a teacher package to fine-tune (warm start: the retraining flow); its
+            architecture, vocabularies and feature settings are kept (``settings.model``
+            is not used). Its weights are ignored when resuming a checkpoint.
     """
     ts = settings.train
     torch.set_num_threads(ts.threads)
@@ -184,9 +193,14 @@ def train_teacher(
     layout = RunLayout(out_dir or settings.models_dir / "teacher")
     layout.root.mkdir(parents=True, exist_ok=True)
 
-    train, vocab, ctc_vocab, features = teacher_data(settings, progress)
+    init = load_package(init_from) if init_from is not None else None
+    train, vocab, ctc_vocab, features = teacher_data(settings, progress, init)
     validator = Validator(settings, features, vocab, ctc_vocab, progress, ts.eval_max_utterances)
-    model = build_model(settings, vocab, ctc_vocab)
+    # A warm start fine-tunes the model it is given, whatever shape the profile names.
+    model = JointModel(init.model.cfg) if init is not None else build_model(settings, vocab, ctc_vocab)
+    if init is not None and not (resume and layout.last.exists()):
+        model.load_state_dict(init.model.state_dict())
+        log.info("teacher warm-started from %s", init_from)
     task = TeacherTask(settings, model, train, features, validator)
     if tracker:
         tracker.log_params({
@@ -202,6 +216,7 @@ def train_teacher(
     metadata = {
         "version": f"teacher-{settings.profile}-{tracker.run_id if tracker else 'local'}",
         "role": "teacher", "profile": settings.profile,
+        "init_from": str(init_from) if init_from else None,
         "run_id": tracker.run_id if tracker else None,
         "best_epoch": outcome.best_epoch, "parameters": model.num_parameters(),
     }
