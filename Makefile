@@ -1,5 +1,5 @@
 # voiceloop — the two commands of the README:
-#   make demo   set up everything, then run the main job (the DVC pipeline, quick profile)
+#   make demo   set up everything, then run the loop end to end (voiceloop demo, quick profile)
 #   make test   set up everything, then run the test suite
 # Both work on a fresh Debian machine as root: system packages, uv, the Python environment.
 
@@ -13,15 +13,14 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PROFILE ?= quick
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup system-packages uv venv lint clean-workspace
+.PHONY: demo pipeline test setup system-packages uv venv lint clean-workspace
 
 demo: setup
+	uv run voiceloop demo --profile $(PROFILE)
+
+pipeline: setup   # the DVC training pipeline (corpus -> teacher -> evaluate -> student) on PROFILE
 	uv run dvc repro
 	uv run dvc push -q || echo "dvc push failed: outputs are still in the local cache"
-	uv run voiceloop stats --profile $(PROFILE) | head -20
-	@cat workspace/models/$(PROFILE)/teacher/eval/test/metrics.json
-	@cat workspace/models/$(PROFILE)/student/eval/test/comparison.md
-	@echo "Corpus: workspace/corpus/$(PROFILE)/reports/stats.md; teacher: workspace/models/$(PROFILE)/teacher/ (eval/test/evaluation.md, learning_curves.png); deployable student: workspace/models/$(PROFILE)/student/deploy, registered as models:/voiceloop-slu@candidate"
 
 test: setup
 	uv run pytest $(PYTEST_ARGS)

@@ -32,7 +32,7 @@ def reference_task(settings: Settings, target: MonitoredModel) -> pd.DataFrame:
     """The model version's reference, built and stored on first use."""
     store = ReferenceStore.for_workspace(settings.workspace)
     if store.exists(target.version):
-        return store.load(target.version)
+        return store.load(target.version)[0]  # (frame, sidecar)
     predictor = load_predictor(target.folder, batch_size=settings.decode.batch_size, threads=1)
     frame = build_reference(settings, predictor, settings.monitoring.reference_split,
                             settings.monitoring.reference_rows)

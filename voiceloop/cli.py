@@ -861,6 +861,48 @@ def promote(
                f"production is version {result['production']}")
 
 
+@app.command()
+def demo(
+    scenario: Annotated[str, typer.Option(help="The drift scenario of params.yaml "
+                                          "`simulator.scenarios` the users move to.")] = "accent_shift",
+    requests: Annotated[int, typer.Option(help="Requests per traffic phase.")] = 300,
+    keep_running: Annotated[bool, typer.Option(
+        help="Keep the servers (Prefect UI, MLflow UI, service) running at the end.")] = False,
+    profile: ProfileOpt = "quick",
+    params: ParamsOpt = None,
+    workspace: Annotated[Path | None, typer.Option(
+        "--workspace", "-w", help="Demo workspace, wiped first (default WORKSPACE/demo).")] = None,
+) -> None:
+    """The whole loop end to end (`make demo`): the released model serves simulated
+    users; ingestion and drift monitoring (Prefect flows, Evidently) catch a drift
+    scenario; the drift event starts retraining (teacher fine-tune + student distillation
+    with QAT); the offline gate and canary stages promote the candidate; a deliberately
+    bad candidate is caught and never serves. Prints the story with figures, decisions and
+    the URLs of the Prefect UI, the MLflow UI and the Evidently report.
+    """
+    from voiceloop.demo import run_demo
+
+    _setup_logging(True)
+    settings = load_settings(params, profile, None)
+    ws = workspace or settings.workspace / "demo"
+    settings = settings.model_copy(update={"workspace": ws.resolve()})
+    story = run_demo(settings, scenario, keep_running, requests)
+    f = story.figures
+    typer.echo("\n# The loop, end to end\n")
+    for line in story.events:
+        typer.echo(f"- {line}")
+    before, after = f.get("drift_before", {}), f.get("drift_after", {})
+    typer.echo(
+        f"\n{scenario}: intent {before.get('intent', 0):.1%} → {after.get('intent', 0):.1%}, "
+        f"exact frame {before.get('frame', 0):.1%} → {after.get('frame', 0):.1%} "
+        f"(version {before.get('version')} → {after.get('version')})\n"
+        f"Evidently report: {f.get('evidently_report')}\n"
+        f"Prefect UI (while servers run): {f.get('prefect_ui')}; MLflow UI: {f.get('mlflow_ui')}\n"
+        f"Later: `uv run voiceloop flows server` and `uv run mlflow ui --backend-store-uri "
+        f"{settings.tracking_uri}`; `uv run voiceloop registry -w {ws}` for the rollout history."
+    )
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -1,0 +1,323 @@
+"""``voiceloop demo`` — the whole loop, end to end, on one machine (``make demo``).
+
+1. A fresh demo workspace; the base corpus (``retrain.base_profile``: replay data and
+   the gate's golden set) is built while the servers start: a Prefect server, the flow
+   deployments (``voiceloop flows serve``: the retraining flow listens for the drift
+   event, the promotion flow for finished retrainings), the MLflow UI, and the inference
+   service, whose first ``production`` model is the released one (seeded into the
+   registry).
+2. Baseline users (``simulate baseline``); ingestion; drift thresholds calibrated on the
+   first baseline windows; a drift check on a later baseline window: no drift.
+3. A drift scenario (``--scenario``, default ``accent_shift``: voices the seed model never
+   heard); ingestion; the drift check raises an alert and the ``voiceloop.drift.detected``
+   event; the event starts the retraining deployment, which registers a ``candidate``;
+   its completion starts the promotion deployment: the offline gate, then canary steps
+   on live traffic (the demo keeps simulated users talking), then promotion.
+4. The same scenario again, now answered by the new production model: accuracy before
+   and after.
+5. A deliberately bad candidate (trained on shuffled labels) is caught by the gate (or
+   the canary) and never becomes production.
+
+It prints a short story with the figures, each decision and why, and the URLs of the
+Prefect UI, the MLflow UI and the Evidently report; progress lines all along.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from voiceloop.settings import Settings
+
+__all__ = ["DemoStory", "run_demo"]
+
+log = logging.getLogger(__name__)
+
+
+def _say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _free_port(preferred: int) -> int:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+
+@dataclass
+class _Process:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+
+class _Processes:
+    """Background servers of the demo, stopped (SIGINT, then SIGKILL) on exit."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.items: list[_Process] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> _Process:
+        path = self.logs / f"{name}.log"
+        out = path.open("w")
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        item = _Process(name, proc, path)
+        self.items.append(item)
+        return item
+
+    def stop(self) -> None:
+        for item in reversed(self.items):
+            if item.proc.poll() is None:
+                os.killpg(item.proc.pid, signal.SIGINT)
+        deadline = time.monotonic() + 30
+        for item in reversed(self.items):
+            try:
+                item.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(item.proc.pid, signal.SIGKILL)
+
+
+def _wait_http(url: str, what: str, proc: _Process, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: see {proc.log}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{what} did not answer at {url} within {timeout_s:g} s: see {proc.log}")
+
+
+@dataclass
+class DemoStory:
+    """What happened, for the closing story (and a JSON record)."""
+
+    events: list[str] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, line: str) -> None:
+        self.events.append(line)
+        _say(line)
+
+
+@contextmanager
+def _traffic(url: str, scenario: str, settings: Settings, story: DemoStory,
+             until: Callable[[], bool], rate: float) -> Iterator[None]:
+    """Simulated users talking in the background until ``until()`` holds (or the block
+    ends)."""
+    from serving.simulator import simulate
+
+    stop = threading.Event()
+    reports = []
+
+    def talk() -> None:
+        while not stop.is_set() and not until():
+            reports.append(simulate(url, scenario, settings=settings, requests=40, rate=rate,
+                                    concurrency=4, max_seconds=60, progress=False))
+
+    thread = threading.Thread(target=talk, name="demo-users", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+        story.figures.setdefault("background_requests", 0)
+        story.figures["background_requests"] += sum(r.sent for r in reports)
+
+
+def _wait_for(check: Callable[[], Any], what: str, timeout_s: float, every_s: float = 5) -> Any:
+    deadline, last = time.monotonic() + timeout_s, 0.0
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() - last > 30:
+            _say(f"  … waiting for {what}")
+            last = time.monotonic()
+        time.sleep(every_s)
+    raise TimeoutError(f"{what} did not happen within {timeout_s:g} s")
+
+
+def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: bool = False,
+             requests: int = 300) -> DemoStory:
+    """Run the loop end to end in ``settings.workspace`` (wiped first); see the module
+    docstring. Returns the story; raises when a step fails (servers are stopped)."""
+    from flows.ingest import ingest_flow
+    from flows.monitor import monitor_flow
+    from flows.retrain import retrain_flow
+    from monitoring.drift import ReferenceStore, calibrate_thresholds, sample_windows
+    from monitoring.ingest import curated_root
+    from monitoring.reference import load_window
+    from serving.simulator import simulate
+    from voiceloop.registry import Registry
+    from voiceloop.stages import corpus_stage, seed_production
+
+    started = time.monotonic()
+    story = DemoStory()
+    ws = settings.workspace
+    if ws.exists():
+        shutil.rmtree(ws)
+    (ws / "logs").mkdir(parents=True)
+    base = settings.model_copy(update={"profile": settings.retrain.base_profile})
+    ports = {"prefect": _free_port(4200), "mlflow": _free_port(5000), "service": _free_port(8000)}
+    prefect_url = f"http://127.0.0.1:{ports['prefect']}"
+    env = {**os.environ, "PREFECT_API_URL": f"{prefect_url}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(ws / "prefect"),
+           "PREFECT_UI_API_URL": f"{prefect_url}/api", "VOICELOOP_WORKSPACE": str(ws),
+           "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"}
+    os.environ.update({k: env[k] for k in ("PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED",
+                                           "PREFECT_HOME", "VOICELOOP_WORKSPACE")})
+    py = sys.executable
+    procs = _Processes(ws / "logs")
+    try:
+        _say(f"demo workspace {ws}; starting the Prefect server, the MLflow UI and the base "
+             f"corpus ({base.profile} profile)")
+        prefect = procs.start("prefect-server", [py, "-m", "prefect", "server", "start", "--host",
+                                                 "127.0.0.1", "--port", str(ports["prefect"])], env)
+        mlflow_ui = procs.start("mlflow-ui", [py, "-m", "mlflow", "ui", "--backend-store-uri",
+                                              settings.tracking_uri, "--host", "127.0.0.1",
+                                              "--port", str(ports["mlflow"]), "--workers", "1"], env)
+        corpus = corpus_stage(base, progress=False)
+        story.add(f"base corpus: {corpus.written} utterances (replay data, golden set, and the "
+                  f"model's reference), validated by Great Expectations")
+        _wait_http(f"{prefect_url}/api/health", "the Prefect server", prefect)
+        version = seed_production(settings)
+        registry = Registry(settings)
+        story.add(f"registry seeded: the released model is version {version}, alias production")
+        procs.start("flows", [py, "-m", "voiceloop.cli", "flows", "serve", "--profile",
+                                      settings.profile, "--workspace", str(ws)], env)
+        service = procs.start("service", [py, "-m", "voiceloop.cli", "serve", "--profile",
+                                          settings.profile, "--workspace", str(ws), "--port",
+                                          str(ports["service"]), "--quiet"], env)
+        url = f"http://127.0.0.1:{ports['service']}"
+        _wait_http(f"{url}/readyz", "the inference service", service)
+        _wait_http(f"http://127.0.0.1:{ports['mlflow']}", "the MLflow UI", mlflow_ui)
+        story.add(f"service ready at {url}; Prefect UI {prefect_url}; MLflow UI "
+                  f"http://127.0.0.1:{ports['mlflow']}")
+
+        # Baseline: calibration windows first, then a judged window held apart from them.
+        calib = simulate(url, "baseline", settings=settings, requests=requests, rate=0,
+                         concurrency=4, progress=False)
+        ingest_flow(settings.profile, str(ws))
+        prod = registry.alias("production")
+        assert prod is not None
+        monitor_flow(settings.profile, str(ws))  # builds the reference (no thresholds yet)
+        from flows.common import monitored_model
+
+        target = monitored_model(settings)
+        store = ReferenceStore.for_workspace(ws)
+        pool = load_window(curated_root(settings), target.version, 100_000)
+        drift_settings = settings.monitoring.drift
+        windows = sample_windows(pool, drift_settings.window_rows, 20, seed=settings.seed)
+        thresholds = calibrate_thresholds(store.load(target.version), windows, drift_settings,
+                                          seed=settings.seed)
+        store.save_thresholds(target.version, thresholds)
+        story.figures["baseline_before"] = {"intent": calib.intent_accuracy,
+                                            "frame": calib.frame_accuracy}
+        story.add(f"baseline users: {calib.sent} requests, intent accuracy "
+                  f"{calib.intent_accuracy:.1%}, exact frame {calib.frame_accuracy:.1%}; drift "
+                  f"thresholds calibrated on 20 baseline windows of {drift_settings.window_rows}")
+        judged = simulate(url, "baseline", settings=settings, requests=drift_settings.window_rows,
+                          rate=0, concurrency=4, progress=False)
+        ingest_flow(settings.profile, str(ws))
+        check = monitor_flow(settings.profile, str(ws))
+        story.add(f"drift check on a new baseline window ({judged.sent} requests): "
+                  + ("DRIFT (a false alarm)" if check["drifted"] else "no drift"))
+
+        # The world changes.
+        drift = simulate(url, scenario, settings=settings, requests=requests, rate=0,
+                         concurrency=4, progress=False)
+        story.figures["drift_before"] = {"intent": drift.intent_accuracy,
+                                         "frame": drift.frame_accuracy,
+                                         "version": prod.version}
+        story.add(f"{scenario} users: {drift.sent} requests; production version {prod.version} "
+                  f"answers intent {drift.intent_accuracy:.1%}, exact frame "
+                  f"{drift.frame_accuracy:.1%}")
+        ingest_flow(settings.profile, str(ws))
+        check = monitor_flow(settings.profile, str(ws))
+        story.figures["evidently_report"] = f"{check.get('report_dir')}/drift.html"
+        if not check["drifted"]:
+            raise RuntimeError(f"the drift check missed the {scenario} shift: {check}")
+        story.add(f"drift detected (alert {check['alert_id']}): {'; '.join(check['reasons'])}; "
+                  "event voiceloop.drift.detected emitted → the retraining deployment starts")
+
+        def candidate_done() -> str | None:
+            cand = registry.alias("candidate") or registry.alias("canary")
+            return cand.version if cand else None
+
+        new = _wait_for(candidate_done, "the drift-triggered retraining", 1500)
+        tags = registry.version_tags(new)
+        story.add(f"retraining registered candidate version {new}: labels used "
+                  f"{tags.get('labels_used')} (budget), from parent version "
+                  f"{tags.get('parent_version')}; the promotion deployment starts")
+
+        def rolled_out(version: str) -> str | None:
+            status = registry.version_tags(version).get("rollout.status")
+            return status if status in ("promoted", "rolled_back", "rejected") else None
+
+        with _traffic(url, scenario, settings, story, lambda: rolled_out(new) is not None, 8.0):
+            status = _wait_for(lambda: rolled_out(new), "the gate and canary of the candidate", 1500)
+        tags = registry.version_tags(new)
+        story.add(f"version {new}: gate {tags.get('gate.result')}; {status}: "
+                  f"{tags.get('rollout.reason', '')}")
+        after = simulate(url, scenario, settings=settings, requests=requests, rate=0,
+                         concurrency=4, progress=False, seed=settings.seed + 7)
+        now = registry.alias("production")
+        story.figures["drift_after"] = {"intent": after.intent_accuracy,
+                                        "frame": after.frame_accuracy,
+                                        "version": now.version if now else None}
+        story.add(f"{scenario} users again: production version {now.version if now else '-'} "
+                  f"answers intent {after.intent_accuracy:.1%} (was "
+                  f"{drift.intent_accuracy:.1%}), exact frame {after.frame_accuracy:.1%} (was "
+                  f"{drift.frame_accuracy:.1%})")
+
+        # A deliberately bad candidate.
+        story.add("a deliberately bad candidate: retraining on shuffled intent labels")
+        ingest_flow(settings.profile, str(ws))
+        bad = retrain_flow(settings.profile, str(ws), corrupt_labels=True, reason="demo: bad candidate")
+        if bad.get("status") != "registered":
+            raise RuntimeError(f"the bad candidate was not trained: {bad}")
+        with _traffic(url, scenario, settings, story,
+                      lambda: rolled_out(bad["version"]) is not None, 8.0):
+            status = _wait_for(lambda: rolled_out(bad["version"]), "the bad candidate's rollout", 1500)
+        tags = registry.version_tags(bad["version"])
+        story.add(f"bad version {bad['version']}: {status}: {tags.get('rollout.reason', '')[:300]}")
+        aliases = registry.aliases()
+        production_count = sum(1 for a in aliases if a == "production")
+        story.figures.update({"aliases": aliases, "production_count": production_count,
+                              "minutes": round((time.monotonic() - started) / 60, 1),
+                              "prefect_ui": prefect_url,
+                              "mlflow_ui": f"http://127.0.0.1:{ports['mlflow']}"})
+        story.add(f"registry: {aliases} — exactly {production_count} production alias; "
+                  f"{story.figures['minutes']} min in all")
+        if keep_running:
+            _say("servers keep running; Ctrl-C to stop")
+            while True:
+                time.sleep(3600)
+        return story
+    finally:
+        procs.stop()
