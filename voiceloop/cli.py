@@ -43,6 +43,11 @@ WorkspaceOpt = Annotated[
     typer.Option("--workspace", "-w", help="Workspace folder for generated state."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a setting for this run: dotted.key=value (YAML "
+                 "value), repeatable, e.g. --set student.train.max_minutes=60."),
+]
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -163,6 +168,7 @@ def train(
         bool, typer.Option(help="Continue from the last checkpoint if there is one.")
     ] = True,
     track: Annotated[bool, typer.Option(help="Log the run to MLflow and register the model.")] = True,
+    overrides: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Train the teacher (Conformer encoder; CTC, intent and parse heads) on the corpus.
@@ -178,7 +184,7 @@ def train(
     from voiceloop.stages import train_stage
 
     _setup_logging(quiet)
-    settings = load_settings(params, profile, workspace)
+    settings = load_settings(params, profile, workspace, overrides or ())
     result = train_stage(settings, progress=not quiet, resume=resume, track=track).result
     v = result.best_valid
     typer.echo(
@@ -270,6 +276,7 @@ def distill(
         Path | None,
         typer.Option(help="Run folder (default: WORKSPACE/models/PROFILE/student)."),
     ] = None,
+    overrides: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Distil the teacher into the small streaming student, with quantisation-aware
@@ -286,7 +293,7 @@ def distill(
     from voiceloop.stages import distill_stage
 
     _setup_logging(quiet)
-    settings = load_settings(params, profile, workspace)
+    settings = load_settings(params, profile, workspace, overrides or ())
     outcome = distill_stage(settings, teacher, progress=not quiet, resume=resume, track=track,
                             out_dir=out, init_from=init_from)
     r, c = outcome.result, outcome.comparison

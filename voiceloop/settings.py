@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -1172,6 +1173,7 @@ def load_settings(
     params_path: Path | None = None,
     profile: str | None = None,
     workspace: Path | None = None,
+    overrides: Sequence[str] = (),
 ) -> Settings:
     """Parse ``params.yaml`` into :class:`Settings`.
 
@@ -1181,9 +1183,13 @@ def load_settings(
         workspace: workspace folder; defaults to ``$VOICELOOP_WORKSPACE``, then to
             ``workspace`` in the file. A relative path is taken from the folder of
             ``params.yaml``.
+        overrides: ``dotted.key=value`` settings applied after the profile (the value is
+            YAML: ``student.train.max_minutes=60``, ``features.warp.speed=[0.9, 1.1]``) —
+            one-off runs such as a continued training need no copy of ``params.yaml``.
 
     Raises:
-        ValueError: unknown profile or invalid values (the message names the field).
+        ValueError: unknown profile, a malformed override, or invalid values (the message
+            names the field).
     """
     params_path = params_path or repo_root() / "params.yaml"
     raw = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
@@ -1192,6 +1198,17 @@ def load_settings(
     if name not in profiles:
         raise ValueError(f"unknown profile {name!r}; params.yaml defines {sorted(profiles)}")
     merged = _deep_merge(raw.get("base") or {}, profiles[name] or {})
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not dotted.key=value")
+        node: dict[str, Any] = {}
+        cursor = node
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = yaml.safe_load(value)
+        merged = _deep_merge(merged, node)
     ws = workspace or os.environ.get("VOICELOOP_WORKSPACE") or raw.get("workspace", "workspace")
     ws_path = Path(ws)
     if not ws_path.is_absolute():

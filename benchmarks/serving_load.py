@@ -1,0 +1,628 @@
+"""Load test of the HTTP service: the int8 student with its LM, traffic logging on,
+closed-loop clients over loopback, against the compute ceiling measured in the same run.
+
+What runs:
+
+1. **Audio**: ``--utterances`` real test-split utterances
+   (``workspace/corpus/<profile>/manifests/test.jsonl``), zero-padded or cut to 3 s and
+   sent as 16-bit WAV bodies; without a corpus, sentences synthesised with espeak-ng.
+2. **Compute ceiling**: in this process, one thread (torch and ONNX Runtime both at 1
+   thread), ``time.process_time()`` around ``predictor.predict_waveforms`` of one 3-s
+   utterance, ``--ceiling-runs`` times (after a warm-up); ceiling = ``os.cpu_count()`` ÷
+   the median CPU time: the requests per second the machine could answer if every core
+   did nothing but run the model. Measured before the load and again after it (the two
+   series are pooled), so a change in background load shows up as a spread.
+3. **Server**: ``python -m voiceloop.cli serve --model BUNDLE --host 127.0.0.1 --port P
+   --workspace TMP --quiet`` as a separate process (traffic logging on, into
+   ``TMP/traffic``), ready when ``/readyz`` answers 200.
+4. **Load**: for each ``--levels`` N, N closed-loop clients (one keep-alive connection
+   each, a minimal HTTP/1.1 client on asyncio so that the load generator, which shares
+   the machine's cores with the server, costs as little CPU as possible) send
+   ``POST /v1/understand`` until ``--requests`` were sent or ``--max-seconds`` passed.
+   Per level: throughput, client-side p50/p95/p99 latency, server-reported
+   ``latency_ms`` p50/p95/p99, errors (anything but 200), CPU seconds per request of the
+   server process and of the client, and the throughput as a share of the ceiling.
+   The first answer to each utterance is remembered: a later, different answer to the
+   same audio (at any concurrency) is counted as a mismatch.
+5. **Traffic**: ``/metrics`` is read after the last level (``voiceloop_traffic_dropped``),
+   the server is stopped with SIGINT (it flushes its traffic writer), and the committed
+   batches are read back (``serving.traffic.list_batches`` / ``read_batch``): every
+   request answered 200 must be in a committed batch or counted as dropped, and none
+   dropped.
+
+Targets (printed as pass/fail): at 16 clients, throughput ≥ 70 % of the ceiling and
+client p99 ≤ 150 ms; no errors at any level; no traffic lost.
+
+    uv run python benchmarks/serving_load.py [--model release/student] [--requests 400]
+        [--max-seconds 60] [--levels 1 4 16]
+
+Without ``--model`` it serves ``release/student``, else ``workspace/models/<profile>/
+student/deploy``, else (development only, flagged in the output) a tiny random model.
+Prints a table and writes ``benchmarks/results/serving_load.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_ROOT = Path(__file__).resolve().parent.parent
+_OUT = _ROOT / "benchmarks" / "results" / "serving_load.json"
+_SECONDS = 3.0
+_RATE = 16000
+_TARGET_SHARE = 0.70
+_TARGET_P99_MS = 150.0
+_TARGET_LEVEL = 16
+
+
+# -- the model and the audio ---------------------------------------------------------------
+
+
+def _pick_model(arg: Path | None, profile: str, tmp: Path) -> tuple[Path, str]:
+    """The bundle to serve and what it is (``release``, ``workspace``, ``given``, or
+    ``tiny-dev``: a random tiny model, for developing this script only)."""
+    if arg is not None:
+        return arg.resolve(), "given"
+    release = _ROOT / "release" / "student"
+    if release.is_dir():
+        return release, "release"
+    deploy = _ROOT / "workspace" / "models" / profile / "student" / "deploy"
+    if deploy.is_dir():
+        return deploy, "workspace"
+    from model.nn.export import export_onnx, quantize_bundle
+    from tests.support import tiny_package
+
+    print("no release/student and no workspace student: building a TINY random model "
+          "(numbers are for developing this script only)", flush=True)
+    fp32 = export_onnx(tiny_package("tiny-dev"), tmp / "tiny-fp32")
+    return quantize_bundle(fp32.folder, tmp / "tiny-int8").folder, "tiny-dev"
+
+
+def _fit(samples: np.ndarray) -> np.ndarray:
+    n = int(_SECONDS * _RATE)
+    samples = samples[:n]
+    return np.pad(samples, (0, n - samples.size)).astype(np.float32)
+
+
+def _utterances(profile: str, count: int, seed: int, tmp: Path) -> tuple[list[np.ndarray], str]:
+    """``count`` 3-s mono 16-kHz utterances and where they come from."""
+    from model.frontend.audio import load_audio
+
+    manifest = _ROOT / "workspace" / "corpus" / profile / "manifests" / "test.jsonl"
+    if manifest.is_file():
+        rows = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+        rng = np.random.default_rng(seed)
+        pick = rng.choice(len(rows), size=min(count, len(rows)), replace=False)
+        audio = [_fit(load_audio((manifest.parent / rows[i]["audio"]).resolve(), _RATE))
+                 for i in sorted(pick)]
+        return audio, f"{manifest.relative_to(_ROOT)} ({len(audio)} utterances, seed {seed})"
+    from model.data.tts import SynthJob, VoiceSpec, synthesize
+
+    sentences = ["turn on the kitchen light", "set the bedroom temperature to twenty degrees",
+                 "what is the weather like today", "add milk to my shopping list",
+                 "start a timer for ten minutes", "turn off the lamp in the living room",
+                 "pause the music", "is the garage door open"]
+    voices = ["en-us", "en-gb", "en-gb-scotland+f3", "en-us+m3"]
+    jobs = [SynthJob(f"s{i}", sentences[i % len(sentences)],
+                     VoiceSpec("espeak-ng", voices[i % len(voices)]), tmp / "tts" / f"s{i}.wav")
+            for i in range(count)]
+    results = synthesize(jobs, sample_rate=_RATE, workers=1, progress=False)
+    audio = [_fit(load_audio(r.out_path, _RATE)) for r in results if r.error is None]
+    return audio, f"espeak-ng ({len(audio)} sentences)"
+
+
+def _wav(samples: np.ndarray) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, samples, _RATE, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+# -- the compute ceiling -------------------------------------------------------------------
+
+
+def _model_cpu(bundle: Path, bodies: list[bytes], runs: int, warmup: int) -> dict[str, Any]:
+    """CPU seconds of one ``predict_waveforms`` call on one thread (the audio decoded from
+    the very WAV bodies the clients send)."""
+    import io
+
+    import soundfile as sf
+    import torch
+
+    from model.inference.onnx import load_predictor
+
+    torch.set_num_threads(1)
+    predictor = load_predictor(bundle, batch_size=1, threads=1)
+    waves = [sf.read(io.BytesIO(b), dtype="float32")[0] for b in bodies]
+    for i in range(warmup):
+        predictor.predict_waveforms(["w"], [waves[i % len(waves)]], [_RATE])
+    cpu, wall = [], []
+    for i in range(runs):
+        w = waves[i % len(waves)]
+        c0, t0 = time.process_time(), time.perf_counter()
+        predictor.predict_waveforms([f"c{i}"], [w], [_RATE])
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - t0)
+    return {"cpu_s": cpu, "wall_s": wall, "version": predictor.version,
+            "lm": predictor.transcriber is not None}
+
+
+# -- the server ----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
+    import httpx
+
+    r = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=timeout)
+    return r.status_code, r.text
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], port: int, log_path: Path, timeout: float) -> float:
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}):\n"
+                               + log_path.read_text(errors="replace")[-3000:])
+        with contextlib.suppress(Exception):  # not listening yet
+            if _get(port, "/readyz", 1.0)[0] == 200:
+                return time.perf_counter() - start
+        time.sleep(0.2)
+    raise RuntimeError(f"/readyz not 200 after {timeout:.0f} s:\n"
+                       + log_path.read_text(errors="replace")[-3000:])
+
+
+def _metric(text: str, name: str) -> float:
+    """Sum of the samples of one metric (all label sets) in Prometheus text."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and re.match(rf"{re.escape(name)}(\{{.*\}})? ", line):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _machine_busy() -> float:
+    """CPU seconds all processes of the machine have been busy since boot (/proc/stat)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- the clients ---------------------------------------------------------------------------
+
+
+class _Conn:
+    """One keep-alive HTTP/1.1 connection; the bare minimum to POST and read a response
+    with a ``Content-Length``."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self.reader is not None
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n")
+        self.writer.write(head.encode("latin-1"))
+        self.writer.write(body)
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        length, close = 0, False
+        for line in lines[1:]:
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            if key == "content-length":
+                length = int(value)
+            elif key == "connection" and value.strip().lower() == "close":
+                close = True
+            elif key == "transfer-encoding":
+                raise RuntimeError("chunked responses are not supported by this client")
+        payload = await self.reader.readexactly(length)
+        if close:
+            self.close()
+        return status, payload
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+@dataclass
+class _Level:
+    clients: int
+    latencies_s: list[float] = field(default_factory=list)
+    server_ms: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    ok_ids: list[str] = field(default_factory=list)
+    mismatches: int = 0
+    sent: int = 0
+    wall_s: float = 0.0
+    server_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+    other_cpu_s: float = 0.0
+
+
+async def _drive(port: int, bodies: list[bytes], level: _Level, requests: int,
+                 max_seconds: float, timeout: float, answers: dict[int, tuple[Any, ...]]) -> None:
+    counter = itertools.count()
+    start = time.perf_counter()
+    deadline = start + max_seconds
+
+    async def client(i: int) -> None:
+        conn = _Conn(port)
+        headers = {"Content-Type": "audio/wav", "X-Device-Id": f"bench-{i}"}
+        try:
+            while True:
+                k = next(counter)
+                if k >= requests or time.perf_counter() >= deadline:
+                    return
+                utt = k % len(bodies)
+                level.sent += 1
+                t0 = time.perf_counter()
+                try:
+                    status, payload = await asyncio.wait_for(
+                        conn.post("/v1/understand", bodies[utt], headers), timeout)
+                except Exception as exc:  # noqa: BLE001 - counted, connection renewed
+                    conn.close()
+                    key = type(exc).__name__
+                    level.errors[key] = level.errors.get(key, 0) + 1
+                    continue
+                elapsed = time.perf_counter() - t0
+                if status != 200:
+                    key = str(status)
+                    level.errors[key] = level.errors.get(key, 0) + 1
+                    continue
+                answer = json.loads(payload)
+                level.latencies_s.append(elapsed)
+                level.server_ms.append(float(answer["latency_ms"]))
+                level.ok_ids.append(answer["request_id"])
+                said = (answer["transcript"], answer["intent"],
+                        json.dumps(answer["slots"], sort_keys=True))
+                if answers.setdefault(utt, said) != said:
+                    level.mismatches += 1
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(client(i) for i in range(level.clients)))
+    level.wall_s = time.perf_counter() - start
+
+
+def _run_level(pid: int, port: int, bodies: list[bytes], clients: int, requests: int,
+               max_seconds: float, timeout: float, answers: dict[int, tuple[Any, ...]]) -> _Level:
+    level = _Level(clients)
+    server0, client0, busy0 = _proc_cpu(pid), time.process_time(), _machine_busy()
+    asyncio.run(_drive(port, bodies, level, requests, max_seconds, timeout, answers))
+    level.server_cpu_s = _proc_cpu(pid) - server0
+    level.client_cpu_s = time.process_time() - client0
+    level.other_cpu_s = max(0.0, _machine_busy() - busy0 - level.server_cpu_s
+                            - level.client_cpu_s)
+    return level
+
+
+# -- reporting -----------------------------------------------------------------------------
+
+
+def _pct(values: list[float], q: float, scale: float = 1.0) -> float | None:
+    return round(float(np.percentile(values, q)) * scale, 2) if values else None
+
+
+def _level_row(level: _Level, ceiling_rps: float) -> dict[str, Any]:
+    ok = len(level.latencies_s)
+    rps = ok / level.wall_s if level.wall_s > 0 else 0.0
+    return {
+        "clients": level.clients,
+        "sent": level.sent,
+        "ok": ok,
+        "errors": sum(level.errors.values()),
+        "error_kinds": level.errors,
+        "answer_mismatches": level.mismatches,
+        "wall_s": round(level.wall_s, 2),
+        "throughput_rps": round(rps, 2),
+        "share_of_ceiling": round(rps / ceiling_rps, 3),
+        "client_p50_ms": _pct(level.latencies_s, 50, 1000),
+        "client_p95_ms": _pct(level.latencies_s, 95, 1000),
+        "client_p99_ms": _pct(level.latencies_s, 99, 1000),
+        "client_max_ms": _pct(level.latencies_s, 100, 1000),
+        "server_p50_ms": _pct(level.server_ms, 50),
+        "server_p95_ms": _pct(level.server_ms, 95),
+        "server_p99_ms": _pct(level.server_ms, 99),
+        "server_cpu_ms_per_request": round(1000 * level.server_cpu_s / max(ok, 1), 2),
+        "client_cpu_ms_per_request": round(1000 * level.client_cpu_s / max(ok, 1), 2),
+        "server_cpu_cores_busy": round(level.server_cpu_s / level.wall_s, 2) if level.wall_s else 0,
+        "other_processes_cpu_cores_busy": (round(level.other_cpu_s / level.wall_s, 2)
+                                           if level.wall_s else 0),
+    }
+
+
+def _table(result: dict[str, Any]) -> str:
+    c, m, srv = result["ceiling"], result["model"], result["server"]
+    lines = [
+        (f"model {m['path']} ({m['kind']}, version {m['version']}, "
+         f"LM {'on' if m['lm'] else 'off'})"),
+        (f"ceiling: {c['cores']} cores ÷ {c['cpu_ms_median']:.2f} ms CPU per prediction "
+         f"(median of {c['runs']}; before {c['cpu_ms_median_before']:.2f}, after "
+         f"{c['cpu_ms_median_after']:.2f}) = {c['ceiling_rps']:.1f} req/s"),
+        (f"server: {srv['workers']} inference threads, model_threads {srv['model_threads']}, "
+         f"loop {srv['loop']}, http {srv['http']}; load average at start "
+         f"{result['machine']['loadavg_start']}, end {result['machine']['loadavg_end']}"),
+        "",
+        (f"{'clients':>7} {'ok':>5} {'err':>4} {'req/s':>7} {'ceil%':>6} {'p50':>7} {'p95':>7} "
+         f"{'p99':>7} {'srv p50':>8} {'srv p99':>8} {'srv CPU/req':>11} {'cli CPU/req':>11} "
+         f"{'others':>6}"),
+    ]
+    for r in result["levels"]:
+        lines.append(
+            f"{r['clients']:>7} {r['ok']:>5} {r['errors']:>4} {r['throughput_rps']:>7.1f} "
+            f"{100 * r['share_of_ceiling']:>5.1f}% {r['client_p50_ms']:>7.1f} "
+            f"{r['client_p95_ms']:>7.1f} {r['client_p99_ms']:>7.1f} {r['server_p50_ms']:>8.1f} "
+            f"{r['server_p99_ms']:>8.1f} {r['server_cpu_ms_per_request']:>9.2f}ms "
+            f"{r['client_cpu_ms_per_request']:>9.2f}ms {r['other_processes_cpu_cores_busy']:>6.2f}")
+    t = result["traffic"]
+    lines.append(f"\ntraffic: sent (200) {t['sent']} = logged {t['logged']} + dropped "
+                 f"{t['dropped']}; missing {t['missing']}; {t['batches']} committed batches; "
+                 f"server stopped with SIGINT in {t['shutdown_s']:.1f} s (exit {t['exit_code']})")
+    lines.append("")
+    lines.append("(latencies in ms; srv = latency_ms the server reports; CPU/req = CPU time of "
+                 "the server process / of this client per answered request; others = cores "
+                 "busy with other processes during the level)")
+    for name, target in result["targets"].items():
+        lines.append(f"  [{'PASS' if target['pass'] else 'FAIL'}] {name}: {target['value']} "
+                     f"(target {target['target']})")
+    return "\n".join(lines)
+
+
+def _machine() -> dict[str, Any]:
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": model, "cores": os.cpu_count(),
+            "affinity": len(os.sched_getaffinity(0)), "python": platform.python_version()}
+
+
+def _cpu_pressure() -> str | None:
+    """The kernel's CPU pressure line (share of time runnable tasks waited for a core)."""
+    try:
+        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except OSError:
+        return None
+
+
+def _versions() -> dict[str, str]:
+    import fastapi
+    import onnxruntime
+    import torch
+    import uvicorn
+
+    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "fastapi": fastapi.__version__, "uvicorn": uvicorn.__version__}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    from serving.traffic import list_batches, read_batch
+    from voiceloop.settings import load_settings
+
+    loadavg_start = [round(x, 2) for x in os.getloadavg()]
+    pressure_start = _cpu_pressure()
+    bundle, kind = _pick_model(args.model, args.profile, tmp)
+    audio, source = _utterances(args.profile, args.utterances, args.seed, tmp)
+    bodies = [_wav(a) for a in audio]
+    print(f"serving {bundle} ({kind}); audio: {source}", flush=True)
+
+    before = _model_cpu(bundle, bodies, args.ceiling_runs, warmup=10)
+    print(f"model CPU per prediction: {1000 * np.median(before['cpu_s']):.2f} ms "
+          f"(wall {1000 * np.median(before['wall_s']):.2f} ms)", flush=True)
+
+    workspace = tmp / "workspace"
+    settings = load_settings(None, args.profile, workspace)
+    workers = args.workers or settings.serving.workers or os.cpu_count() or 1
+    port = _free_port()
+    cmd = [sys.executable, "-m", "voiceloop.cli", "serve", "--model", str(bundle),
+           "--host", "127.0.0.1", "--port", str(port), "--workspace", str(workspace),
+           "--profile", args.profile, "--quiet"]
+    if args.workers:
+        cmd += ["--workers", str(args.workers)]
+    log_path = tmp / "server.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(cmd, cwd=_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+    levels: list[_Level] = []
+    warm = _Level(0)
+    answers: dict[int, tuple[Any, ...]] = {}
+    try:
+        ready_s = _wait_ready(proc, port, log_path, args.start_timeout)
+        print(f"server pid {proc.pid} ready in {ready_s:.1f} s on port {port}", flush=True)
+        warm = _run_level(proc.pid, port, bodies, 2, args.warmup, 30, args.timeout, answers)
+        for n in args.levels:
+            level = _run_level(proc.pid, port, bodies, n, args.requests, args.max_seconds,
+                               args.timeout, answers)
+            levels.append(level)
+            ok = len(level.latencies_s)
+            print(f"  {n:>2} clients: {ok} ok, {sum(level.errors.values())} errors, "
+                  f"{ok / level.wall_s:.1f} req/s, p99 "
+                  f"{_pct(level.latencies_s, 99, 1000)} ms", flush=True)
+        metrics = _get(port, "/metrics")[1]
+    finally:
+        stop = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        try:
+            exit_code = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            exit_code = proc.wait()
+        shutdown_s = time.perf_counter() - stop
+    server_log = log_path.read_text(errors="replace")
+
+    after = _model_cpu(bundle, bodies, max(args.ceiling_runs // 2, 10), warmup=5)
+    cpu_all = before["cpu_s"] + after["cpu_s"]
+    cores = os.cpu_count() or 1
+    cpu_median = float(np.median(cpu_all))
+    ceiling = cores / cpu_median
+
+    # Traffic: every 200 answer must be in a committed batch, or counted as dropped.
+    sent_ids = set(warm.ok_ids).union(*(lv.ok_ids for lv in levels))
+    root = settings.traffic_root
+    batches = list_batches(root)
+    logged_ids = {rec.request_id for info in batches for rec in read_batch(root, info)
+                  if rec.kind == "request"}
+    dropped = int(_metric(metrics, "voiceloop_traffic_dropped"))
+    logged = len(sent_ids & logged_ids)
+    missing = len(sent_ids - logged_ids)
+
+    rows = [_level_row(lv, ceiling) for lv in levels]
+    errors = sum(r["errors"] for r in rows) + sum(warm.errors.values())
+    at = next((r for r in rows if r["clients"] == _TARGET_LEVEL), None)
+    targets = {
+        f"throughput at {_TARGET_LEVEL} clients ≥ {_TARGET_SHARE:.0%} of ceiling": {
+            "value": None if at is None else f"{at['share_of_ceiling']:.1%}",
+            "target": f"≥ {_TARGET_SHARE:.0%}",
+            "pass": at is not None and at["share_of_ceiling"] >= _TARGET_SHARE},
+        f"p99 at {_TARGET_LEVEL} clients ≤ {_TARGET_P99_MS:.0f} ms": {
+            "value": None if at is None else f"{at['client_p99_ms']} ms",
+            "target": f"≤ {_TARGET_P99_MS:.0f} ms",
+            "pass": at is not None and at["client_p99_ms"] <= _TARGET_P99_MS},
+        "errors (all levels and warm-up)": {"value": errors, "target": 0, "pass": errors == 0},
+        "traffic lost (sent − logged − dropped; dropped)": {
+            "value": f"{len(sent_ids) - logged - dropped}; {dropped}", "target": "0; 0",
+            "pass": logged == len(sent_ids) and dropped == 0},
+    }
+    import uvicorn  # noqa: F401 - only to report its automatic choices
+
+    return {
+        "benchmark": "serving_load",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {**_machine(), "loadavg_start": loadavg_start,
+                    "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+                    "cpu_pressure_start": pressure_start, "cpu_pressure_end": _cpu_pressure()},
+        "versions": _versions(),
+        "model": {"path": str(bundle), "kind": kind, "version": before["version"],
+                  "lm": before["lm"], "int8": _is_int8(bundle)},
+        "audio": {"source": source, "seconds": _SECONDS, "sample_rate": _RATE,
+                  "body_bytes": len(bodies[0]), "format": "WAV PCM_16 mono"},
+        "setup": {"levels": args.levels, "requests_per_level": args.requests,
+                  "max_seconds_per_level": args.max_seconds, "warmup_requests": args.warmup,
+                  "timeout_s": args.timeout, "client": "asyncio raw HTTP/1.1, one keep-alive "
+                  "connection per client, closed loop", "loopback": True},
+        "server": {"command": " ".join(cmd[1:]), "workers": workers,
+                   "model_threads": settings.serving.model_threads, "processes": 1,
+                   "loop": "uvloop" if _installed("uvloop") else "asyncio",
+                   "http": "httptools" if _installed("httptools") else "h11",
+                   "traffic": {"root": "TMP/workspace/traffic",
+                               **settings.serving.traffic.model_dump(exclude={"root"})},
+                   "ready_s": round(ready_s, 1),
+                   "log_tail": server_log[-1500:]},
+        "ceiling": {
+            "definition": "cores ÷ median process CPU time of one predict_waveforms call "
+                          "(one 3-s utterance, 1 thread, in-process)",
+            "cores": cores, "runs": len(cpu_all),
+            "cpu_ms_median": round(1000 * cpu_median, 3),
+            "cpu_ms_median_before": round(1000 * float(np.median(before["cpu_s"])), 3),
+            "cpu_ms_median_after": round(1000 * float(np.median(after["cpu_s"])), 3),
+            "cpu_ms_p10": round(1000 * float(np.percentile(cpu_all, 10)), 3),
+            "cpu_ms_p90": round(1000 * float(np.percentile(cpu_all, 90)), 3),
+            "wall_ms_median": round(1000 * float(np.median(before["wall_s"] + after["wall_s"])), 3),
+            "ceiling_rps": round(ceiling, 2)},
+        "levels": rows,
+        "warmup": {"ok": len(warm.ok_ids), "errors": warm.errors},
+        "traffic": {"sent": len(sent_ids), "logged": logged, "dropped": dropped,
+                    "missing": missing, "batches": len(batches),
+                    "records_in_store": len(logged_ids),
+                    "metrics_logged": int(_metric(metrics, "voiceloop_traffic_logged")),
+                    "shutdown_s": round(shutdown_s, 2), "exit_code": exit_code},
+        "targets": targets,
+        "all_pass": all(t["pass"] for t in targets.values()),
+    }
+
+
+def _is_int8(bundle: Path) -> bool | None:
+    try:
+        return bool(json.loads((bundle / "config.json").read_text())["onnx"]["int8"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="deploy bundle to serve (default: "
+                        "release/student, else the workspace student, else a tiny dev model)")
+    parser.add_argument("--profile", default="full", help="params.yaml profile (corpus, "
+                        "workspace student, server settings)")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=400, help="requests per level at most")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="seconds per level at most")
+    parser.add_argument("--warmup", type=int, default=40, help="requests before the first level")
+    parser.add_argument("--utterances", type=int, default=64)
+    parser.add_argument("--ceiling-runs", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="inference threads of the server (default: serving.workers)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
+    parser.add_argument("--start-timeout", type=float, default=180.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=_OUT)
+    args = parser.parse_args()
+    sys.path.insert(0, str(_ROOT))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="serving_load-") as tmp:
+        result = run(args, Path(tmp))
+    result["setup"]["wall_s"] = round(time.perf_counter() - start, 1)
+    print()
+    print(_table(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"\n→ {args.out} ({result['setup']['wall_s']} s)")
+
+
+if __name__ == "__main__":
+    main()
