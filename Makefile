@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-SYSTEM_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k sox libsndfile1 git
+SYSTEM_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k sox libsndfile1 git chromium chromium-driver
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PROFILE ?= quick
 PYTEST_ARGS ?=
