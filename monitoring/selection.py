@@ -84,7 +84,7 @@ def _novelty(pool: pd.DataFrame, reference: pd.DataFrame, k: int, components: in
     _, s, vt = np.linalg.svd(ref - mean, full_matrices=False)
     n = min(components, vt.shape[0])
     scale = s[:n] / np.sqrt(max(1, len(ref) - 1)) + 1e-9
-    project = lambda x: ((x - mean) @ vt[:n].T) / scale  # noqa: E731 - local projection
+    project = lambda x: ((x - mean) @ vt[:n].T) / scale
     a, b = project(pool[cols].to_numpy(np.float64)), project(ref)
     d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
     nearest = np.sort(np.sqrt(np.maximum(d2, 0.0)), axis=1)[:, : max(1, min(k, len(ref)))]

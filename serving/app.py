@@ -19,9 +19,12 @@ Endpoints:
 
 Errors are ``{"error": {"code", "message"}}`` with a 4xx status for bad input (see
 ``serving.audio_input``); the byte cap is enforced from ``Content-Length`` before the
-body is read, and again while it streams. Inference runs in a pool of ``workers``
-threads (ONNX Runtime and the beam search release the GIL), each borrowing a predictor
-of its own; the event loop only parses and routes.
+body is read, and again while it streams. Everything CPU-bound about a request (decoding
+and checking the audio, the model, quantising the audio for the traffic store) runs in
+one hop on a pool of ``workers`` inference threads, each borrowing a predictor of its
+own; the event loop only moves bytes, parses and routes. (ONNX Runtime and torch release
+the GIL; the LM beam search does not, so Python work on the event loop competes with
+it: keep the loop's share small.)
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -67,7 +71,7 @@ from serving.contracts import (
 )
 from serving.models import ModelSet, ModelSource, ServedModel
 from serving.routing import choose_route
-from serving.traffic import TrafficWriter
+from serving.traffic import TrafficWriter, pcm16
 from voiceloop.settings import ServingSettings
 
 __all__ = ["ADMIN_TOKEN_ENV", "ServiceState", "create_app"]
@@ -111,6 +115,18 @@ class _Metrics:
         for route, m in (("production", models.production), ("canary", models.canary)):
             if m is not None:
                 self.model.labels(route, m.version, m.registry_version or "").set(1)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What an inference thread hands back for one upload: the request id, the decoded
+    audio, the prediction, and the audio as 16-bit PCM for the traffic store (None
+    when traffic is not logged)."""
+
+    request_id: str
+    audio: DecodedAudio
+    prediction: Prediction
+    pcm: np.ndarray | None
 
 
 @dataclass
@@ -222,16 +238,33 @@ def create_app(state: ServiceState) -> FastAPI:
         metrics.errors.labels("internal").inc()
         return _error(500, "internal", f"{type(exc).__name__}: the service failed on this request")
 
-    def _infer(model: ServedModel, request_id: str, audio: DecodedAudio) -> Prediction:
-        with model.pool.borrow() as predictor:
-            return predictor.predict_waveforms([request_id], [audio.samples],
-                                               [audio.sample_rate])[0]
+    def _understand(model: ServedModel, body: bytes) -> _Answer:
+        """Everything CPU-bound about one upload, run in an inference thread so that the
+        event loop only moves bytes: decode and check the audio, run the model (unless
+        it is silence), and quantise the audio for the traffic store."""
+        request_id = uuid.uuid4().hex
+        audio = decode_upload(body, s.max_duration_s)
+        if level_dbfs(audio.samples) < s.silence_dbfs:
+            prediction = Prediction(id=request_id, model_version=model.version, clarify=True)
+        else:
+            rate = model.pool.sample_rate
+            resampled = prepare_waveform(audio.samples, audio.sample_rate, rate)
+            if resampled.size < model.pool.min_samples:
+                raise AudioRejected(400, "audio_too_short",
+                                    f"{audio.duration_s * 1000:.0f} ms of audio is too short "
+                                    "to understand")
+            with model.pool.borrow() as predictor:
+                prediction = predictor.predict_waveforms([request_id], [resampled], [rate])[0]
+            if prediction.error:
+                raise AudioRejected(400, "unusable_audio", prediction.error)
+        pcm = pcm16(audio.samples) if state.traffic is not None else None
+        return _Answer(request_id, audio, prediction, pcm)
 
-    def _log(record: TrafficRecord, audio: DecodedAudio | None) -> None:
+    def _log(record: TrafficRecord, pcm: np.ndarray | None = None,
+             rate: int | None = None) -> None:
         if state.traffic is None:
             return
-        state.traffic.submit(record, None if audio is None else audio.samples,
-                             None if audio is None else audio.sample_rate)
+        state.traffic.submit(record, pcm, rate)
 
     @app.post("/v1/understand", response_model=UnderstandResponse,
               responses={400: {"model": ErrorBody}, 413: {"model": ErrorBody},
@@ -239,32 +272,21 @@ def create_app(state: ServiceState) -> FastAPI:
     async def understand(request: Request) -> Response:
         start = time.perf_counter()
         received = datetime.now(UTC)
-        request_id = uuid.uuid4().hex
         device = request.headers.get("x-device-id") or None
         models = state.models.current
         if models.production is None:
             metrics.errors.labels("not_ready").inc()
             return _error(503, "not_ready", "no production model is loaded yet")
         body = await _audio_bytes(request, s.max_audio_bytes)
-        loop = asyncio.get_running_loop()
-        audio = await loop.run_in_executor(None, decode_upload, body, s.max_duration_s)
         route: Route = choose_route(device, models.share, models.canary is not None, rng)
         model = models.model(route)
-        if level_dbfs(audio.samples) < s.silence_dbfs:
-            prediction = Prediction(id=request_id, model_version=model.version, clarify=True)
-        else:
-            resampled = prepare_waveform(audio.samples, audio.sample_rate, model.pool.sample_rate)
-            if resampled.size < model.pool.min_samples:
-                raise AudioRejected(400, "audio_too_short",
-                                    f"{audio.duration_s * 1000:.0f} ms of audio is too short "
-                                    "to understand")
-            metrics.inflight.inc()
-            try:
-                prediction = await loop.run_in_executor(pool, _infer, model, request_id, audio)
-            finally:
-                metrics.inflight.dec()
-            if prediction.error:
-                raise AudioRejected(400, "unusable_audio", prediction.error)
+        metrics.inflight.inc()
+        try:
+            answer = await asyncio.get_running_loop().run_in_executor(
+                pool, _understand, model, body)
+        finally:
+            metrics.inflight.dec()
+        request_id, audio, prediction = answer.request_id, answer.audio, answer.prediction
         latency = time.perf_counter() - start
         response = UnderstandResponse(
             request_id=request_id, id=request_id, transcript=prediction.transcript,
@@ -279,7 +301,8 @@ def create_app(state: ServiceState) -> FastAPI:
             transcript=response.transcript, intent=response.intent, slots=response.slots,
             confidence=response.confidence, clarify=response.clarify,
             latency_ms=response.latency_ms, duration_s=audio.duration_s,
-            sample_rate=audio.sample_rate, audio_format=audio.audio_format), audio)
+            sample_rate=audio.sample_rate, audio_format=audio.audio_format),
+            answer.pcm, audio.sample_rate)
         return JSONResponse(response.model_dump(mode="json"))
 
     @app.post("/v1/feedback", status_code=202)
@@ -288,7 +311,7 @@ def create_app(state: ServiceState) -> FastAPI:
         _log(TrafficRecord(request_id=body.request_id, timestamp=datetime.now(UTC),
                            device_id=request.headers.get("x-device-id") or None,
                            kind="feedback", feedback_kind=body.kind,
-                           feedback_text=body.text), None)
+                           feedback_text=body.text))
         return {"status": "accepted", "request_id": body.request_id}
 
     @app.get("/healthz")

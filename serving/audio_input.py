@@ -73,35 +73,38 @@ def decode_upload(body: bytes, max_duration_s: float) -> DecodedAudio:
         raise AudioRejected(400, "empty_body", "the request body is empty: send a WAV, FLAC "
                             "or OGG file")
     try:
-        info = sf.info(io.BytesIO(body))
+        handle = sf.SoundFile(io.BytesIO(body))  # one parse of the header, for info and read
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise AudioRejected(415, "not_audio", f"the body is not a readable audio file ({exc})") from exc
-    fmt = FORMATS.get(info.format)
-    if fmt is None:
-        raise AudioRejected(415, "unsupported_format",
-                            f"{info.format} audio is not accepted: send WAV, FLAC or OGG")
-    if info.samplerate <= 0:
-        raise AudioRejected(400, "invalid_header", f"sample rate {info.samplerate} Hz")
-    if info.frames > 0 and info.frames / info.samplerate > max_duration_s:
-        raise AudioRejected(413, "audio_too_long",
-                            f"{info.frames / info.samplerate:.1f} s of audio; the limit is "
-                            f"{max_duration_s:g} s")
-    try:
-        data, rate = sf.read(io.BytesIO(body), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError) as exc:
-        raise AudioRejected(400, "truncated_audio", f"the audio could not be decoded: {exc}") from exc
+    with handle as info:
+        fmt = FORMATS.get(info.format)
+        if fmt is None:
+            raise AudioRejected(415, "unsupported_format",
+                                f"{info.format} audio is not accepted: send WAV, FLAC or OGG")
+        if info.samplerate <= 0:
+            raise AudioRejected(400, "invalid_header", f"sample rate {info.samplerate} Hz")
+        if info.frames > 0 and info.frames / info.samplerate > max_duration_s:
+            raise AudioRejected(413, "audio_too_long",
+                                f"{info.frames / info.samplerate:.1f} s of audio; the limit is "
+                                f"{max_duration_s:g} s")
+        try:
+            data = info.read(dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise AudioRejected(400, "truncated_audio",
+                                f"the audio could not be decoded: {exc}") from exc
+        rate, frames = info.samplerate, info.frames
     # A header that promises more than the file holds: a cut-off upload.
     missing = _wav_missing_bytes(body) if fmt == "wav" else 0
-    if missing or 0 < data.shape[0] < info.frames:
+    if missing or 0 < data.shape[0] < frames:
         raise AudioRejected(400, "truncated_audio",
                             f"the file is cut off: its header announces more audio than it "
-                            f"holds ({missing or info.frames - data.shape[0]} "
+                            f"holds ({missing or frames - data.shape[0]} "
                             f"{'bytes' if missing else 'samples'} missing)")
     if data.shape[0] == 0:
         raise AudioRejected(400, "no_samples", "the audio file holds no samples")
     if not np.isfinite(data).all():
         raise AudioRejected(400, "invalid_samples", "the audio holds NaN or infinite samples")
-    mono = data.mean(axis=1).astype(np.float32)
+    mono = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1).astype(np.float32)
     duration = mono.size / rate
     if duration > max_duration_s:
         raise AudioRejected(413, "audio_too_long",

@@ -9,7 +9,7 @@ back as records or as a pandas DataFrame.
 Layout under the store root (a local folder or any fsspec URL: ``memory://…``,
 ``s3://bucket/traffic``; only fsspec calls are used, so object storage works unchanged)::
 
-    audio/dt=YYYY-MM-DD/hour=HH/<request_id>.flac            mono FLAC, 16-bit PCM
+    audio/dt=YYYY-MM-DD/hour=HH/<request_id>.flac            mono FLAC, 16-bit PCM (level 0)
     batches/dt=YYYY-MM-DD/hour=HH/<batch_id>.parquet         one row per TrafficRecord
     batches/dt=YYYY-MM-DD/hour=HH/<batch_id>.commit.json     the commit marker
 
@@ -82,6 +82,7 @@ __all__ = [
     "TrafficStats",
     "TrafficWriter",
     "list_batches",
+    "pcm16",
     "read_audio",
     "read_batch",
     "read_batch_frame",
@@ -161,11 +162,16 @@ def _keep(request_id: str, sample: float) -> bool:
     return int.from_bytes(digest, "big") / 2.0**64 < sample
 
 
-def _pcm16(audio: np.ndarray) -> np.ndarray:
-    """Mono audio as int16 PCM (float input: full scale ±1.0, clipped, rounded).
+def pcm16(audio: np.ndarray) -> np.ndarray:
+    """Mono audio as int16 PCM (float input: full scale ±1.0, clipped, rounded), as
+    :meth:`TrafficWriter.submit` stores it.
 
-    Quantised here, on submit, so the queue holds 2 bytes a sample instead of 4–8 and the
-    caller may reuse its buffer as soon as submit returns.
+    :meth:`TrafficWriter.submit` quantises float audio itself, so the queue holds 2 bytes
+    a sample instead of 4–8 and the caller may reuse its buffer as soon as submit returns;
+    a caller with spare threads (the service's inference threads) can call this first and
+    submit the int16 array, keeping the work off its own hot thread. Float32 input is
+    computed in float32: scaling by 2**15 is exact there, so the result is the same as in
+    float64.
     """
     arr = np.asarray(audio)
     if arr.ndim != 1:
@@ -174,15 +180,23 @@ def _pcm16(audio: np.ndarray) -> np.ndarray:
         return arr.copy()
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"audio must be float (±1.0 full scale) or int16, got {arr.dtype}")
+    if arr.dtype != np.float32:
+        arr = arr.astype(np.float64)
     # NaN/inf would turn into arbitrary integers; silence is the honest stand-in.
-    arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=1.0, neginf=-1.0)
+    arr = np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=-1.0)
     # x 32768 to match soundfile/libsndfile, which reads 16-bit PCM back as int / 32768.
-    return np.clip(np.round(arr * 32768.0), -32768, 32767).astype(np.int16)
+    # (In float32 a huge finite sample overflows to inf here; the clip maps it to 32767,
+    # as float64 would.)
+    with np.errstate(over="ignore"):
+        scaled = arr * arr.dtype.type(32768.0)
+    return np.clip(np.round(scaled), -32768, 32767).astype(np.int16)
 
 
 def _flac_bytes(pcm: np.ndarray, sample_rate: int) -> bytes:
+    # Compression level 0 (libsndfile's default is 0.5): lossless all the same, ~3 %
+    # larger on speech, ~25 % less CPU; the writer shares the cores with inference.
     buf = io.BytesIO()
-    sf.write(buf, pcm, sample_rate, format="FLAC", subtype="PCM_16")
+    sf.write(buf, pcm, sample_rate, format="FLAC", subtype="PCM_16", compression_level=0.0)
     return buf.getvalue()
 
 
@@ -412,7 +426,7 @@ class TrafficWriter:
             if not rid or rid.startswith(".") or not set(rid) <= _SAFE_ID:
                 raise ValueError(f"request_id {rid!r} cannot name an audio file "
                                  "(letters, digits, '-', '_', '.' only)")
-            pcm = _pcm16(audio)
+            pcm = pcm16(audio)
         keep = record.kind == "feedback" or _keep(record.request_id, self._settings.sample)
         with self._cond:
             self._submitted += 1

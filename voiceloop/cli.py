@@ -745,7 +745,8 @@ def retrain_train(
     workspace: WorkspaceOpt = None,
 ) -> None:
     """The DVC stage `retrain`: fine-tune the teacher and distil the student of one
-    retraining run (the retraining flow runs it through `dvc exp run retrain`)."""
+    retraining run (the retraining flow runs it through
+    `dvc exp run pipelines/retrain/dvc.yaml:retrain`)."""
     from voiceloop.retrain import train_candidate
 
     _setup_logging(False)

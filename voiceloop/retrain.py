@@ -11,7 +11,8 @@ Three steps, each a plain function the Prefect flow (``flows/retrain.py``) orche
    Expectations manifest suite, and ``spec.json``.
 2. :func:`train_candidate` — warm-start fine-tune of the production teacher, distillation
    of the production student from it with QAT (the ``--init-from`` path), int8 export.
-   This is the command of the DVC stage ``retrain`` (``dvc exp run retrain``), so the run
+   This is the command of the DVC stage ``retrain`` (``dvc exp run
+   pipelines/retrain/dvc.yaml:retrain``), so the run
    is a DVC experiment with its parameters and metrics.
 3. :func:`register_candidate` — an MLflow run with the lineage as tags (git commit, DVC
    data versions, traffic batch ids, labels used vs budget, parent version), the pyfunc
@@ -340,8 +341,13 @@ def _inside_repo(path: Path) -> bool:
     return (repo_root() / ".git").exists()
 
 
+#: The DVC stage of a retraining run; outside the root dvc.yaml so `dvc repro` skips it.
+RETRAIN_STAGE = "pipelines/retrain/dvc.yaml:retrain"
+
+
 def run_training_stage(settings: Settings, run_dir: Path, progress: bool = False) -> str:
-    """Run :func:`train_candidate` as the DVC experiment ``dvc exp run retrain`` when
+    """Run :func:`train_candidate` as the DVC experiment ``dvc exp run`` of
+    :data:`RETRAIN_STAGE` when
     the workspace lies inside the repository (DVC tracks outputs inside it only), else
     directly. Returns how it ran (``dvc-exp:<name>`` or ``direct``)."""
     current = settings.workspace / "retrain" / "current"
@@ -350,7 +356,7 @@ def run_training_stage(settings: Settings, run_dir: Path, progress: bool = False
             current.unlink() if current.is_symlink() else None
         current.symlink_to(run_dir.resolve(), target_is_directory=True)
         name = f"retrain-{RetrainSpec.load(run_dir).run_id}"
-        cmd = [sys.executable, "-m", "dvc", "exp", "run", "retrain", "--name", name]
+        cmd = [sys.executable, "-m", "dvc", "exp", "run", RETRAIN_STAGE, "--name", name]
         done = subprocess.run(cmd, cwd=repo_root(), capture_output=True, text=True, check=False)
         if done.returncode == 0:
             return f"dvc-exp:{name}"

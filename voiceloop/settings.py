@@ -712,7 +712,8 @@ class RetrainSettings(_Strict):
     is at least ``pseudo_threshold``. ``replay_utterances`` old-corpus utterances join the
     new ones (``replay_ratio`` × new at least). ``min_new_samples``: fewer new samples →
     no retraining. ``valid_utterances``: validation subset per split during training.
-    ``dvc_experiment``: run the training stages as ``dvc exp run retrain`` when the
+    ``dvc_experiment``: run the training stages as ``dvc exp run
+    pipelines/retrain/dvc.yaml:retrain`` when the
     workspace lies inside the repository (DVC tracks outputs inside the repo only).
     """
 

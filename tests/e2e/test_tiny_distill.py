@@ -7,6 +7,7 @@ Checks plumbing and contracts on a model far too small to be accurate.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -26,19 +27,17 @@ from model.inference.batch import SLUPredictor
 from model.inference.streaming import StreamingRecognizer
 from model.nn.package import has_lm, load_package
 from model.training.student import StudentLayout, train_student
-from voiceloop.settings import Settings, load_settings
-from voiceloop.stages import DistillOutcome, corpus_stage, distill_stage, predict_stage, train_stage
+from voiceloop.settings import Settings
+from voiceloop.stages import DistillOutcome, distill_stage, predict_stage
 from voiceloop.tracking import mlflow_scope
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def distilled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, DistillOutcome]:
+def distilled(tiny_workspace: Callable[[str], Settings]) -> tuple[Settings, DistillOutcome]:
     torch.set_num_threads(2)
-    settings = load_settings(profile="tiny", workspace=tmp_path_factory.mktemp("ws"))
-    corpus_stage(settings, progress=False)
-    train_stage(settings, progress=False)
+    settings = tiny_workspace("distill")
     return settings, distill_stage(settings, progress=False)
 
 

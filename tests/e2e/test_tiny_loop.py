@@ -12,6 +12,7 @@ Accuracy means nothing at this size: the loop's efficacy is measured by
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,20 +26,19 @@ from serving.service import build_app
 from serving.simulator import simulate
 from tests.support import running_server
 from voiceloop.registry import Registry
-from voiceloop.settings import Settings, load_settings, repo_root
-from voiceloop.stages import corpus_stage, distill_stage, seed_production, train_stage
+from voiceloop.settings import Settings, repo_root
+from voiceloop.stages import distill_stage, seed_production
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def loop(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> tuple[Settings, Path]:
+def loop(tiny_workspace: Callable[[str], Settings], prefect_harness: None
+         ) -> tuple[Settings, Path]:
     """Tiny corpus, teacher and student; the student seeded as production with its lineage."""
     torch.set_num_threads(2)
-    ws = tmp_path_factory.mktemp("loop")
-    settings = load_settings(profile="tiny", workspace=ws)
-    corpus_stage(settings, progress=False)
-    train_stage(settings, progress=False, track=False)
+    settings = tiny_workspace("loop")
+    ws = settings.workspace
     distill_stage(settings, progress=False, track=False)
     models = settings.models_dir
     version = seed_production(settings, models / "student" / "deploy")

@@ -7,6 +7,7 @@ the plumbing and the contracts, not accuracy (that is what the benchmarks measur
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,20 +21,17 @@ from model.frontend.cache import load_split
 from model.inference.batch import SLUPredictor
 from model.nn.package import has_lm, load_package
 from model.training.fit import RunLayout
-from voiceloop.settings import Settings, load_settings
-from voiceloop.stages import corpus_stage, evaluate_stage, predict_stage, train_stage
+from voiceloop.settings import Settings
+from voiceloop.stages import evaluate_stage, predict_stage, train_stage
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Path]:
+def trained(tiny_workspace: Callable[[str], Settings]) -> tuple[Settings, Path]:
     torch.set_num_threads(2)
-    settings = load_settings(profile="tiny", workspace=tmp_path_factory.mktemp("ws"))
-    corpus_stage(settings, progress=False)
-    result = train_stage(settings, progress=False).result
-    assert result.epochs_run == settings.train.epochs
-    return settings, result.model_dir
+    settings = tiny_workspace("pipeline")
+    return settings, settings.models_dir / "teacher" / "model"
 
 
 def test_training_writes_package_metrics_and_mlflow_run(trained: tuple[Settings, Path]) -> None:

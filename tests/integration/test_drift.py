@@ -8,7 +8,6 @@ next to realised accuracy from a real annotation store; calibration; the referen
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +93,9 @@ def settings() -> DriftSettings:
     """params.yaml's rule with a smaller embedding sample (tests stay fast). The
     embedding threshold moves with it: the no-drift distance between two means of 16
     whitened components is about sqrt(2 * 16 / rows per side), 0.33 at 300 rows."""
-    base = load_settings(profile="tiny").monitoring.drift
+    # the full profile's window (2000 rows, 500 minimum): the tiny profile shrinks the
+    # window for the e2e loop, which would make every window here "sufficient"
+    base = load_settings(profile="full").monitoring.drift
     return base.model_copy(update={"embedding": base.embedding.model_copy(
         update={"sample_rows": 300, "threshold": 0.5})})
 
@@ -218,20 +219,6 @@ def test_bad_inputs_are_named(reference: pd.DataFrame, settings: DriftSettings) 
         run_drift_report(reference, traffic(600, seed=1), bad)
     with pytest.raises(ValidationError, match="min_samples 500 > window_rows 100"):
         DriftSettings(window_rows=100)
-
-
-def test_ten_thousand_row_window_fits_the_budget(settings: DriftSettings) -> None:
-    configured = load_settings(profile="tiny").monitoring.drift  # params.yaml's sampling
-    reference = traffic(10_000, seed=11)
-    current = traffic(10_000, seed=12)
-    run_drift_report(traffic(600, seed=1), traffic(600, seed=2), settings)  # warm imports
-    start = time.perf_counter()
-    result = run_drift_report(reference, current, configured, model_version="v1")
-    elapsed = time.perf_counter() - start
-    print(f"\n10,000 vs 10,000 rows, {DIM}-dim embeddings: {elapsed:.1f} s "
-          f"(parts {result.seconds}, embedding rows {result.embedding_rows})")
-    assert result.embedding_rows == (configured.embedding.sample_rows,) * 2
-    assert elapsed < 60.0  # target 30 s on one core; generous for a busy CI machine
 
 
 # --------------------------------------------------------------------------- performance
