@@ -614,6 +614,8 @@ def release(
     workspace: WorkspaceOpt = None,
     out: Annotated[Path | None, typer.Option(help="Release folder (default: release/ in the "
                                              "repository).")] = None,
+    note: Annotated[str, typer.Option(help="Training history the model folders cannot tell "
+                                      "(e.g. a warm-started continuation), into the card.")] = "",
     quiet: QuietOpt = False,
 ) -> None:
     """Package the profile's trained student and teacher as the repository's released
@@ -627,7 +629,7 @@ def release(
 
     _setup_logging(quiet)
     settings = load_settings(params, profile, workspace)
-    report = make_release(settings, out, progress=not quiet)
+    report = make_release(settings, out, progress=not quiet, note=note)
     m = report.card["metrics"]["student_int8_test"]
     h = report.card["metrics"]["student_int8_test_heldout"]
     typer.echo(

@@ -142,9 +142,22 @@ class ReleaseReport:
     card: dict[str, Any]
 
 
+def _training(run_root: Path) -> dict[str, Any]:
+    """What a training run's own ``train_metrics.json`` says about it (wall minutes,
+    epochs, best epoch, QAT start), not what params.yaml asked for."""
+    path = run_root / "train_metrics.json"
+    if not path.is_file():
+        return {}
+    m = json.loads(path.read_text(encoding="utf-8"))
+    return {k: m[k] for k in ("wall_minutes", "epochs_run", "best_epoch", "qat_start_epoch",
+                              "parameters", "train_utt_per_s") if k in m}
+
+
 def make_release(settings: Settings, out: Path | None = None, progress: bool = True,
-                 latency_utterances: int = 100) -> ReleaseReport:
-    """Build ``release/`` from ``settings.profile``'s teacher and student.
+                 latency_utterances: int = 100, note: str = "") -> ReleaseReport:
+    """Build ``release/`` from ``settings.profile``'s teacher and student. ``note``: the
+    training history that the model folders cannot tell (e.g. a warm-started
+    continuation), written into the card as given.
 
     Raises:
         FileNotFoundError: the profile has no trained student or teacher.
@@ -213,6 +226,9 @@ def make_release(settings: Settings, out: Path | None = None, progress: bool = T
                        "student_normalise": settings.student.normalise,
                        "teacher_minutes": settings.train.max_minutes,
                        "student_minutes": settings.student.train.max_minutes,
+                       "teacher_run": _training(settings.models_dir / "teacher"),
+                       "student_run": _training(student_root),
+                       "note": note,
                        "intent_temperature": student_cfg.get("intent_temperature"),
                        "clarify_threshold": student_cfg.get("clarify_threshold")},
             "metrics": metrics, "latency": latency,
@@ -229,6 +245,15 @@ def make_release(settings: Settings, out: Path | None = None, progress: bool = T
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ReleaseReport(out, size, card)
+
+
+def _run_text(run: dict[str, Any]) -> str:
+    if not run:
+        return "no training record"
+    text = f"{run.get('wall_minutes', '?')} min, {run.get('epochs_run', '?')} epochs"
+    if run.get("qat_start_epoch") is not None:
+        text += f" (QAT from epoch {run['qat_start_epoch']})"
+    return text + f", best epoch {run.get('best_epoch', '?')}"
 
 
 def model_card(card: dict[str, Any]) -> str:
@@ -254,6 +279,10 @@ def model_card(card: dict[str, Any]) -> str:
          + ", ".join(f"{k} {v}" for k, v in card['data']['utterances_by_split'].items())
          + ". Test templates (phrasings) are never seen in training; the held-out voice family "
          f"({card['data']['heldout_voice_family']}) is never trained on."), "",
+        "## Training", "",
+        (f"Teacher: {_run_text(card['recipe'].get('teacher_run', {}))}. Student (distilled "
+         f"from it, QAT): {_run_text(card['recipe'].get('student_run', {}))}."
+         + (f" {card['recipe']['note']}" if card["recipe"].get("note") else "")), "",
         "## Test metrics", "",
         "| | intent | slot F1 | WER | SemER | exact | ECE |", "|---|---:|---:|---:|---:|---:|---:|",
     ]

@@ -1,0 +1,40 @@
+"""The release's model card reads the training runs' own records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from voiceloop.release import _training, model_card
+
+
+def _metrics(intent: float) -> dict:
+    return {"n": 10, "intent_accuracy": intent, "slot_f1": 0.5, "wer": 0.2, "cer": 0.1,
+            "semer": 0.4, "exact_match": 0.3, "slu_f1": 0.5, "ece": 0.02,
+            "slices": {"engine": {"flite": {"n": 10, "intent_accuracy": intent, "slot_f1": 0.5,
+                                            "wer": 0.2, "semer": 0.4}}}}
+
+
+def test_training_record_comes_from_the_run_and_reaches_the_card(tmp_path: Path) -> None:
+    (tmp_path / "train_metrics.json").write_text(json.dumps(
+        {"wall_minutes": 55.7, "epochs_run": 8, "best_epoch": 7, "qat_start_epoch": 7,
+         "valid_wer": 0.6}))
+    run = _training(tmp_path)
+    assert run == {"wall_minutes": 55.7, "epochs_run": 8, "best_epoch": 7, "qat_start_epoch": 7}
+    assert _training(tmp_path / "missing") == {}
+    card = {
+        "released": "2026-12-01T00:00:00+00:00", "git_commit": "abc", "params_hash": "h",
+        "profile": "full",
+        "recipe": {"student": {"encoder_layers": 4, "d_model": 96}, "teacher_run": {},
+                   "student_run": run, "note": "continued once"},
+        "data": {"hours": 1.0, "hours_by_engine": {"flite": 1.0}, "voices": 3,
+                 "utterances_by_split": {"train": 5}, "heldout_voice_family": None},
+        "metrics": {"student_int8_test": _metrics(0.9), "student_int8_test_heldout": _metrics(0.8),
+                    "teacher_fp16_test": _metrics(0.95)},
+        "latency": {"student_int8_lm_p50_ms": 10.0, "teacher_fp32_lm_p50_ms": 50.0, "speedup": 5.0},
+        "bytes": {"student": 1e6, "teacher": 6e6, "total": 7e6},
+    }
+    text = model_card(card)
+    assert "55.7 min, 8 epochs (QAT from epoch 7), best epoch 7" in text
+    assert "Teacher: no training record" in text and "continued once" in text
+    assert "| student int8 + LM, held-out voices | 80.0% |" in text
