@@ -149,12 +149,38 @@ def _traffic(url: str, scenario: str, settings: Settings, story: DemoStory,
         story.figures["background_requests"] += sum(r.sent for r in reports)
 
 
-def _wait_for(check: Callable[[], Any], what: str, timeout_s: float, every_s: float = 5) -> Any:
+def _failed_runs(flow_name: str) -> list[str]:
+    """Names of ``flow_name``'s failed or crashed runs on the demo's Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.FAILED, StateType.CRASHED]))))
+    return [r.name for r in runs]
+
+
+def _wait_for(check: Callable[[], Any], what: str, timeout_s: float, every_s: float = 5,
+              flow: str | None = None, logs: Path | None = None) -> Any:
+    """Poll ``check`` until it returns something truthy; fail at once when a run of the
+    deployment ``flow`` that should make it happen failed (its log is in ``logs``)."""
     deadline, last = time.monotonic() + timeout_s, 0.0
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
+        if flow is not None and (failed := _failed_runs(flow)):
+            raise RuntimeError(f"{what}: the {flow} run {failed[0]} failed; see {logs} and "
+                               "the run in the Prefect UI")
         if time.monotonic() - last > 30:
             _say(f"  … waiting for {what}")
             last = time.monotonic()
@@ -166,8 +192,9 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
              requests: int = 300) -> DemoStory:
     """Run the loop end to end in ``settings.workspace`` (wiped first); see the module
     docstring. Returns the story; raises when a step fails (servers are stopped)."""
+    from flows.common import monitored_model
     from flows.ingest import ingest_flow
-    from flows.monitor import monitor_flow
+    from flows.monitor import monitor_flow, reference_task
     from flows.retrain import retrain_flow
     from monitoring.drift import ReferenceStore, calibrate_thresholds, sample_windows
     from monitoring.ingest import curated_root
@@ -193,6 +220,15 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
                                            "PREFECT_HOME", "VOICELOOP_WORKSPACE")})
     py = sys.executable
     procs = _Processes(ws / "logs")
+    # Prefect reads its settings once, at import: the in-process flow runs below would
+    # otherwise start an ephemeral server of their own and their events (the drift event
+    # that starts the retraining deployment) would never reach the demo's server.
+    import prefect.settings as ps
+
+    api_settings = ps.temporary_settings(updates={
+        ps.PREFECT_API_URL: env["PREFECT_API_URL"], ps.PREFECT_HOME: env["PREFECT_HOME"],
+        ps.PREFECT_SERVER_ANALYTICS_ENABLED: False})
+    api_settings.__enter__()
     try:
         _say(f"demo workspace {ws}; starting the Prefect server, the MLflow UI and the base "
              f"corpus ({base.profile} profile)")
@@ -201,7 +237,7 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
         mlflow_ui = procs.start("mlflow-ui", [py, "-m", "mlflow", "ui", "--backend-store-uri",
                                               settings.tracking_uri, "--host", "127.0.0.1",
                                               "--port", str(ports["mlflow"]), "--workers", "1"], env)
-        corpus = corpus_stage(base, progress=False)
+        corpus = corpus_stage(base, progress=True)  # minutes on a fresh clone: show the bars
         story.add(f"base corpus: {corpus.written} utterances (replay data, golden set, and the "
                   f"model's reference), validated by Great Expectations")
         _wait_http(f"{prefect_url}/api/health", "the Prefect server", prefect)
@@ -220,20 +256,22 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
                   f"http://127.0.0.1:{ports['mlflow']}")
 
         # Baseline: calibration windows first, then a judged window held apart from them.
+        _say(f"baseline users: {requests} requests …")
         calib = simulate(url, "baseline", settings=settings, requests=requests, rate=0,
                          concurrency=4, progress=False)
+        _say("ingesting the traffic and building the model's drift reference …")
         ingest_flow(settings.profile, str(ws))
         prod = registry.alias("production")
         assert prod is not None
-        monitor_flow(settings.profile, str(ws))  # builds the reference (no thresholds yet)
-        from flows.common import monitored_model
-
+        # The reference only, not a drift check: judged with thresholds made for another
+        # window size, this window would open a (false) drift episode and start a retraining.
         target = monitored_model(settings)
+        reference = reference_task.fn(settings, target)
         store = ReferenceStore.for_workspace(ws)
         pool = load_window(curated_root(settings), target.version, 100_000)
         drift_settings = settings.monitoring.drift
         windows = sample_windows(pool, drift_settings.window_rows, 20, seed=settings.seed)
-        thresholds = calibrate_thresholds(store.load(target.version), windows, drift_settings,
+        thresholds = calibrate_thresholds(reference, windows, drift_settings,
                                           seed=settings.seed)
         store.save_thresholds(target.version, thresholds)
         story.figures["baseline_before"] = {"intent": calib.intent_accuracy,
@@ -249,6 +287,7 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
                   + ("DRIFT (a false alarm)" if check["drifted"] else "no drift"))
 
         # The world changes.
+        _say(f"{scenario} users: {requests} requests …")
         drift = simulate(url, scenario, settings=settings, requests=requests, rate=0,
                          concurrency=4, progress=False)
         story.figures["drift_before"] = {"intent": drift.intent_accuracy,
@@ -269,7 +308,8 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
             cand = registry.alias("candidate") or registry.alias("canary")
             return cand.version if cand else None
 
-        new = _wait_for(candidate_done, "the drift-triggered retraining", 1500)
+        new = _wait_for(candidate_done, "the drift-triggered retraining", 1500,
+                        flow="voiceloop-retrain", logs=ws / "logs" / "flows.log")
         tags = registry.version_tags(new)
         story.add(f"retraining registered candidate version {new}: labels used "
                   f"{tags.get('labels_used')} (budget), from parent version "
@@ -280,10 +320,12 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
             return status if status in ("promoted", "rolled_back", "rejected") else None
 
         with _traffic(url, scenario, settings, story, lambda: rolled_out(new) is not None, 8.0):
-            status = _wait_for(lambda: rolled_out(new), "the gate and canary of the candidate", 1500)
+            status = _wait_for(lambda: rolled_out(new), "the gate and canary of the candidate",
+                               1500, flow="voiceloop-promote", logs=ws / "logs" / "flows.log")
         tags = registry.version_tags(new)
         story.add(f"version {new}: gate {tags.get('gate.result')}; {status}: "
                   f"{tags.get('rollout.reason', '')}")
+        _say(f"{scenario} users again: {requests} requests …")
         after = simulate(url, scenario, settings=settings, requests=requests, rate=0,
                          concurrency=4, progress=False, seed=settings.seed + 7)
         now = registry.alias("production")
@@ -321,3 +363,4 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
         return story
     finally:
         procs.stop()
+        api_settings.__exit__(None, None, None)

@@ -217,7 +217,8 @@ def plan_retraining(settings: Settings, corrupt_labels: bool = False,
     usable = [p.error is None for p in preds]
     pool = pool[usable].reset_index(drop=True)
     store = ReferenceStore.for_workspace(settings.workspace)
-    reference = store.load(student_pkg.version) if store.exists(student_pkg.version) else pd.DataFrame()
+    reference = (store.load(student_pkg.version)[0] if store.exists(student_pkg.version)
+                 else pd.DataFrame())  # (frame, sidecar)
     budget = labelling_budget(len(pool), r.label_fraction, r.max_labels)
     selection: Selection = select_for_training(pool, by_id, reference, budget, r.pseudo_threshold)
     labels = AnnotationStore(settings.annotations_root).read(selection.label_ids)

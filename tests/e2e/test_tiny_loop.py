@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from flows.ingest import ingest_flow
+from flows.monitor import monitor_flow
 from flows.promote import promote_flow
 from flows.retrain import retrain_flow
 from serving.service import build_app
@@ -71,8 +72,12 @@ def test_traffic_to_retrained_candidate_to_promotion(loop: tuple[Settings, Path]
         assert first.answered == 24 and first.routes == {"production": 24}
         report = ingest_flow("tiny", str(ws))
         assert report["accepted"] + report["quarantined"] == report["requests"] == 24
+        # the monitor stores the model's reference; the retraining's novelty selection
+        # reads it (a stored reference once reached the selection as a tuple)
+        check = monitor_flow("tiny", str(ws))
+        assert "drifted" in check
         out = retrain_flow("tiny", str(ws), reason="test")
-        assert out["status"] == "registered"
+        assert out["status"] == "registered", out
         candidate = out["version"]
         assert registry.alias("candidate").version == candidate
         tags = registry.version_tags(candidate)
