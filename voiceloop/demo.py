@@ -220,6 +220,8 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
                                            "PREFECT_HOME", "VOICELOOP_WORKSPACE")})
     py = sys.executable
     procs = _Processes(ws / "logs")
+    # `kill` of the demo must stop its servers too: SIGTERM unwinds like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     # Prefect reads its settings once, at import: the in-process flow runs below would
     # otherwise start an ephemeral server of their own and their events (the drift event
     # that starts the retraining deployment) would never reach the demo's server.

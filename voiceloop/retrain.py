@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import soundfile as sf
+import yaml
 
 from model.data.corpus import CorpusLayout
 from model.data.grammar import DOMAINS, Grammar, load_values, predicted_domain
@@ -334,12 +335,15 @@ def train_candidate(settings: Settings, run_dir: Path, progress: bool = False) -
     return CandidateOutputs(teacher.model_dir, student.model_dir, student.deploy_dir, metrics)
 
 
-def _inside_repo(path: Path) -> bool:
-    try:
-        path.resolve().relative_to(repo_root())
-    except ValueError:
+def _dvc_workspace(path: Path) -> bool:
+    """Whether the DVC stage would train in ``path``: the stage's paths come from
+    params.yaml's ``workspace`` (not from $VOICELOOP_WORKSPACE or ``--workspace``), and DVC
+    tracks outputs inside the repository only."""
+    if not (repo_root() / ".git").exists():
         return False
-    return (repo_root() / ".git").exists()
+    raw = yaml.safe_load((repo_root() / "params.yaml").read_text(encoding="utf-8")) or {}
+    configured = (repo_root() / str(raw.get("workspace", "workspace"))).resolve()
+    return path.resolve() == configured
 
 
 #: The DVC stage of a retraining run; outside the root dvc.yaml so `dvc repro` skips it.
@@ -348,11 +352,14 @@ RETRAIN_STAGE = "pipelines/retrain/dvc.yaml:retrain"
 
 def run_training_stage(settings: Settings, run_dir: Path, progress: bool = False) -> str:
     """Run :func:`train_candidate` as the DVC experiment ``dvc exp run`` of
-    :data:`RETRAIN_STAGE` when
-    the workspace lies inside the repository (DVC tracks outputs inside it only), else
-    directly. Returns how it ran (``dvc-exp:<name>`` or ``direct``)."""
+    :data:`RETRAIN_STAGE` when the settings' workspace is the one params.yaml names
+    inside the repository (the stage's paths), else directly. Returns how it ran
+    (``dvc-exp:<name>`` or ``direct``)."""
     current = settings.workspace / "retrain" / "current"
-    if settings.retrain.dvc_experiment and _inside_repo(settings.workspace):
+    if settings.retrain.dvc_experiment and not _dvc_workspace(settings.workspace):
+        log.info("training directly: the DVC stage trains in params.yaml's workspace, not in "
+                 "%s", settings.workspace)
+    elif settings.retrain.dvc_experiment:
         if current.is_symlink() or current.exists():
             current.unlink() if current.is_symlink() else None
         current.symlink_to(run_dir.resolve(), target_is_directory=True)
