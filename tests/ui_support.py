@@ -23,12 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
 __all__ = [
     "CHROMEDRIVER", "CHROMIUM", "ServerProcess", "chromium_driver", "gate_tags",
-    "serve_folder", "traffic_frame", "wait_http",
+    "serve_folder", "wait_http",
 ]
 
 CHROMIUM = Path(os.environ.get("VOICELOOP_CHROMIUM", "/usr/bin/chromium"))
@@ -184,38 +181,6 @@ def chromium_driver(profile_dir: Path, log: Path) -> Iterator[Any]:
 
 # --------------------------------------------------------------------------- inputs
 
-_INTENTS = ("HassTurnOn", "HassTurnOff", "HassLightSet", "HassClimateSetTemperature",
-            "HassStartTimer", "HassCancelTimer", "HassShoppingListAddItem", "HassMediaPause")
-_DOMAINS = ("lights", "lights", "lights", "climate", "timers", "timers", "shopping_list",
-            "media")
-
-
-def traffic_frame(n: int, seed: int, *, snr_shift: float = 0.0,
-                  level_shift: float = 0.0) -> pd.DataFrame:
-    """``n`` rows of synthetic curated traffic with every scalar column of
-    :mod:`monitoring.schema` (no embeddings); ``snr_shift`` / ``level_shift`` in dB."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(_INTENTS), n)
-    confidence = rng.beta(8, 1.5, n)
-    return pd.DataFrame({
-        "request_id": [f"req-{seed}-{i}" for i in range(n)],
-        "timestamp": pd.Timestamp("2026-03-01", tz="UTC") + pd.to_timedelta(
-            np.arange(n) * 3 + seed * 100_000, unit="s"),
-        "model_version": "ui-v1",
-        "embedding_model": "ui-v1",
-        "duration_s": rng.gamma(6.0, 0.4, n),
-        "level_dbfs": rng.normal(-25.0, 4.0, n) + level_shift,
-        "snr_db": rng.normal(20.0, 6.0, n) + snr_shift,
-        "speaking_rate": rng.normal(2.5, 0.5, n),
-        "spectral_centroid_hz": rng.normal(1500.0, 250.0, n),
-        "silence_share": rng.beta(2.0, 5.0, n),
-        "clipping_share": np.where(rng.random(n) < 0.02, rng.random(n) * 0.01, 0.0),
-        "confidence": confidence,
-        "latency_ms": rng.lognormal(3.0, 0.3, n),
-        "intent": [_INTENTS[i] for i in idx],
-        "domain": [_DOMAINS[i] for i in idx],
-        "clarify": confidence < 0.5,
-    })
 
 
 def gate_tags(candidate: str, production: str, gate_settings: Any,

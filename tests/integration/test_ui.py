@@ -35,13 +35,13 @@ from typing import Any
 import pytest
 
 from tests.support import free_port, register_tiny
+from tests.traffic_support import synthetic_traffic
 from tests.ui_support import (
     ServerProcess,
     chromium_driver,
     chromium_missing,
     gate_tags,
     serve_folder,
-    traffic_frame,
     wait_http,
 )
 
@@ -187,8 +187,9 @@ def loop_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopUI]:
 
         report_dir = root / "report"
         drift = run_drift_report(
-            traffic_frame(1000, seed=1),
-            traffic_frame(600, seed=2, snr_shift=-12.0, level_shift=6.0),
+            synthetic_traffic(1000, seed=1, embeddings=False, model_version="ui-v1"),
+            synthetic_traffic(600, seed=2, snr_shift=-12.0, level_shift=6.0, embeddings=False,
+                              model_version="ui-v1"),
             settings.monitoring.drift, report_dir=report_dir, model_version="ui-v2")
         report_url = stack.enter_context(serve_folder(report_dir))
         lap("drift report")
