@@ -242,11 +242,14 @@ def _flow_args(workspace: dict[str, Any], model_dir: Path) -> dict[str, str]:
             "params": workspace["params"], "model": str(model_dir)}
 
 
-def _drift_events(event: str, expect: int, timeout_s: float = 30.0) -> list[Any]:
-    """The ``event`` events the harness's API stored, once ``expect`` are there (events
-    travel through the client's events worker and the server's persister)."""
+def _drift_events(event: str, since: datetime, expect: int,
+                  timeout_s: float = 30.0) -> list[Any]:
+    """The ``event`` events that occurred from ``since`` on, as the harness's API stored
+    them, once ``expect`` are there (events travel through the client's events worker and
+    the server's persister). ``since`` matters: the harness is shared by the session, and
+    the end-to-end loop test emits the same event earlier."""
     from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
     from prefect.events.worker import EventsWorker
 
     EventsWorker.drain_all(timeout=10)
@@ -254,8 +257,10 @@ def _drift_events(event: str, expect: int, timeout_s: float = 30.0) -> list[Any]
     with get_client(sync_client=True) as client:
         while True:
             # limit: the server pages at most 50 (the client's default of 100 is refused).
-            page = client.read_events(filter=EventFilter(event=EventNameFilter(name=[event])),
-                                      limit=50)
+            page = client.read_events(
+                filter=EventFilter(event=EventNameFilter(name=[event]),
+                                   occurred=EventOccurredFilter(since=since)),
+                limit=50)
             if len(page.events) >= expect or time.monotonic() > deadline:
                 return page.events
             time.sleep(0.5)
@@ -303,6 +308,7 @@ def test_monitor_flow_detects_shifts_alerts_once_and_emits_the_event_with_eviden
     settings: Settings = workspace["settings"]
     version = workspace["target"].version
     args = _flow_args(workspace, model_dir)
+    started = datetime.now(UTC)
     results: dict[str, dict[str, Any]] = {"baseline": monitor_flow(**args)}
     for scenario in ("accent_shift", "noise_shift", "domain_shift"):
         _serve(settings, model_dir, scenario, SCENARIO_REQUESTS)
@@ -329,9 +335,9 @@ def test_monitor_flow_detects_shifts_alerts_once_and_emits_the_event_with_eviden
         assert result["mlflow_run_id"]
 
     # The event, once, with the evidence of the window that opened the episode.
-    events = _drift_events(settings.flows.drift_event, expect=1)
+    events = _drift_events(settings.flows.drift_event, started, expect=1)
     time.sleep(2)  # had a second one been emitted it would be stored by now
-    events = _drift_events(settings.flows.drift_event, expect=2, timeout_s=0)
+    events = _drift_events(settings.flows.drift_event, started, expect=2, timeout_s=0)
     assert len(events) == 1, [e.payload for e in events]
     event = events[0]
     payload = event.payload

@@ -97,3 +97,29 @@ def test_registry_table_lists_versions_with_aliases_and_history(tmp_path: Path) 
     rows = reg.versions()
     assert [r["version"] for r in rows] == [v3, v2, v1]
     assert rows[2]["aliases"] == ["production"] and rows[1]["tags"]["gate.result"] == "fail"
+
+
+def test_a_new_store_is_a_migrated_copy_and_an_existing_store_is_kept(tmp_path: Path) -> None:
+    """New SQLite stores start as a copy of the migrated empty template (no migration
+    run per workspace); the copy is a working store whose Default experiment lives under
+    the workspace's artifact root; a store that exists is never replaced."""
+    import sqlite3
+
+    from voiceloop.tracking import _empty_store_template
+
+    settings = load_settings(profile="tiny", workspace=tmp_path / "ws")
+    client = make_client(settings)
+    db = Path(settings.tracking_uri.removeprefix("sqlite:///"))
+    template = _empty_store_template()
+    with sqlite3.connect(template) as t, sqlite3.connect(db) as d:
+        head = t.execute("SELECT version_num FROM alembic_version").fetchall()
+        assert head and d.execute("SELECT version_num FROM alembic_version").fetchall() == head
+    default = client.get_experiment("0")
+    assert Path(default.artifact_location) == settings.artifact_root / "0"
+    client.create_registered_model("seeded-store-check")
+    run = client.create_run(client.create_experiment("x"))
+    client.log_param(run.info.run_id, "p", "1")
+
+    make_client(settings)  # again: the store with its model and run is kept
+    assert client.get_registered_model("seeded-store-check").name == "seeded-store-check"
+    assert client.get_run(run.info.run_id).data.params == {"p": "1"}
