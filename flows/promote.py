@@ -168,7 +168,7 @@ def run_canary(settings: Settings, registry: Registry, candidate: VersionRef,
         analyses.append(analysis)
         if not analysis.passed:
             reason = (f"canary step {number} ({share:g} %): "
-                      + ("; ".join(analysis.failed) if not analysis.inconclusive
+                      + ("; ".join(analysis.reasons) if not analysis.inconclusive
                          else f"too few answers after {c.step.max_wait_s:g} s "
                               f"({analysis.n_canary} canary, {analysis.n_production} production)"))
             registry.rollback(reason)

@@ -24,6 +24,7 @@ Prefect UI, the MLflow UI and the Evidently report; progress lines all along.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -123,6 +124,12 @@ class DemoStory:
         _say(line)
 
 
+def background_seed(settings: Settings, round_: int) -> int:
+    """The simulator seed of the background users' ``round_``-th round (distinct per
+    round, and from the seeds of the demo's measured runs)."""
+    return settings.seed + 10_000 + round_
+
+
 @contextmanager
 def _traffic(url: str, scenario: str, settings: Settings, story: DemoStory,
              until: Callable[[], bool], rate: float) -> Iterator[None]:
@@ -134,9 +141,15 @@ def _traffic(url: str, scenario: str, settings: Settings, story: DemoStory,
     reports = []
 
     def talk() -> None:
-        while not stop.is_set() and not until():
+        # A new seed every round: with one seed each round re-sent the same 40 utterances
+        # from the same devices, so the few devices a canary share routes to spoke the
+        # same three sentences over and over, and the canary's intent mix "differed".
+        for round_ in itertools.count():
+            if stop.is_set() or until():
+                break
             reports.append(simulate(url, scenario, settings=settings, requests=40, rate=rate,
-                                    concurrency=4, max_seconds=60, progress=False))
+                                    concurrency=4, max_seconds=60, progress=False,
+                                    seed=background_seed(settings, round_)))
 
     thread = threading.Thread(target=talk, name="demo-users", daemon=True)
     thread.start()

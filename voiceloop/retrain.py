@@ -44,6 +44,7 @@ from model.data.grammar import DOMAINS, Grammar, load_values, predicted_domain
 from model.data.manifest import ManifestRow, read_manifest, write_manifest
 from model.inference.batch import SLUPredictor
 from model.nn.package import load_package
+from model.training.lm_stage import LM_TEXT_MANIFEST
 from monitoring.drift import ReferenceStore
 from monitoring.ingest import curated_root
 from monitoring.selection import Selection, labelling_budget, select_for_training
@@ -253,6 +254,10 @@ def plan_retraining(settings: Settings, corrupt_labels: bool = False,
         train = [row.model_copy(update={"intent": i}) for row, i in zip(train, intents, strict=True)]
     layout = CorpusLayout(settings.workspace / "corpus" / spec.profile)
     write_manifest(layout.manifest("train"), train)
+    # The LM keeps the whole old corpus' text, not only the replayed sample's.
+    replayed = {row.id for row in replay}
+    write_manifest(layout.manifest(LM_TEXT_MANIFEST),
+                   [_absolute(row, base) for row in old if row.id not in replayed])
     for split in ("valid", "valid_heldout", "test", "test_heldout"):
         if base.manifest(split).exists():
             write_manifest(layout.manifest(split),

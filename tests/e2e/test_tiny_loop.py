@@ -23,6 +23,9 @@ from flows.ingest import ingest_flow
 from flows.monitor import monitor_flow
 from flows.promote import promote_flow
 from flows.retrain import retrain_flow
+from model.data.corpus import CorpusLayout
+from model.data.manifest import read_manifest
+from model.training.lm_stage import LM_TEXT_MANIFEST
 from serving.service import build_app
 from serving.simulator import simulate
 from tests.support import running_server
@@ -88,6 +91,19 @@ def test_traffic_to_retrained_candidate_to_promotion(loop: tuple[Settings, Path]
                     "parent_version", "manifest_sha"):
             assert key in run.data.tags, key
         assert int(run.data.tags["labels_used"]) <= int(run.data.tags["label_budget"])
+        # The candidate's LM knows every word of the whole base corpus, not only of the
+        # replayed sample it trained on (an LM of the sample lost words: WER rose).
+        retrain_run = tags["retrain_run"]
+        corpus = CorpusLayout(ws / "corpus" / f"retrain-{retrain_run}")
+        base = read_manifest(CorpusLayout(ws / "corpus" / settings.retrain.base_profile)
+                             .manifest("train"))
+        lm_rows = [*read_manifest(corpus.manifest("train")),
+                   *read_manifest(corpus.manifest(LM_TEXT_MANIFEST))]
+        assert {r.id for r in base} <= {r.id for r in lm_rows}
+        lexicon = ws / "retrain" / retrain_run / "student" / "deploy" / "lm" / "lexicon.txt"
+        words = {line.split("\t")[0] for line in lexicon.read_text().splitlines() if line}
+        missing = {w for r in base for w in r.transcript.split()} - words
+        assert not missing, sorted(missing)
 
         stop = threading.Event()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from voiceloop.registry import JOURNAL_TAG, Registry
+from voiceloop.registry import JOURNAL_TAG, Registry, VersionRef
 from voiceloop.settings import Settings, load_settings
 from voiceloop.tracking import make_client
 
@@ -123,3 +123,39 @@ def test_a_new_store_is_a_migrated_copy_and_an_existing_store_is_kept(tmp_path: 
     make_client(settings)  # again: the store with its model and run is kept
     assert client.get_registered_model("seeded-store-check").name == "seeded-store-check"
     assert client.get_run(run.info.run_id).data.params == {"p": "1"}
+
+
+def test_a_failing_canary_step_rolls_back_and_says_which_checks_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_canary on a real registry: a conclusive failure (three times production's
+    clarify rate) rolls back at once, production untouched, canary alias gone, and the
+    reason names the failed check (it once crashed joining a bool instead)."""
+    import logging
+    from datetime import UTC, datetime, timedelta
+
+    from flows import promote
+    from tests.unit.test_canary import frame, route_records
+
+    reg, (v1, v2, _) = _registry(tmp_path)
+    reg.set_production(v1, "seed")
+    settings = reg.settings
+    canary = settings.promotion.canary.model_copy(update={
+        "steps": [25.0, 100.0],
+        "step": settings.promotion.canary.step.model_copy(
+            update={"interval_s": 0.01, "min_samples": 50, "max_wait_s": 5})})
+    settings = settings.model_copy(update={"promotion": settings.promotion.model_copy(
+        update={"canary": canary})})
+    later = datetime.now(UTC) + timedelta(seconds=30)  # after the step begins
+    traffic = frame(route_records("production", v1, 400, start=later),
+                    route_records("canary", v2, 200, start=later, clarify_per_20=6))
+    # The store read is the one stand-in: the registry, the analysis and the rollback are real.
+    monkeypatch.setattr(promote, "collect_traffic", lambda root, since: traffic)
+    passed, reason, analyses = promote.run_canary(
+        settings, reg, VersionRef(reg.name, v2, None, ""), VersionRef(reg.name, v1, None, ""),
+        logging.getLogger("test"))
+    assert not passed and len(analyses) == 1 and analyses[0].verdict == "fail"
+    assert reason.startswith("canary step 1 (25 %): clarify rate"), reason
+    assert reg.aliases().get("production") == v1 and "canary" not in reg.aliases()
+    assert _production_count(reg) == 1
+    assert reg.canary_share() == 0

@@ -1,0 +1,37 @@
+"""The demo's background users (voiceloop/demo.py), with the simulator stood in for."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from voiceloop import demo
+from voiceloop.settings import load_settings
+
+
+def test_background_users_draw_new_utterances_every_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each round of background traffic uses its own simulator seed: with one seed every
+    round re-sent the same utterances from the same devices, and a canary share saw the
+    same three sentences over and over (its intent mix then "differed" from production's)."""
+    import serving.simulator
+
+    seeds: list[int] = []
+
+    def fake_simulate(url: str, scenario: str, **kw: Any) -> SimpleNamespace:
+        seeds.append(kw["seed"])
+        return SimpleNamespace(sent=kw["requests"])
+
+    monkeypatch.setattr(serving.simulator, "simulate", fake_simulate)
+    settings = load_settings(profile="tiny")
+    story = demo.DemoStory()
+    with demo._traffic("http://127.0.0.1:9", "baseline", settings, story,
+                       lambda: len(seeds) >= 4, rate=1.0):
+        deadline = time.monotonic() + 10
+        while len(seeds) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert len(seeds) >= 4 and len(set(seeds)) == len(seeds), seeds
+    assert settings.seed not in seeds  # nor the measured runs' default seed
+    assert story.figures["background_requests"] == 40 * len(seeds)
