@@ -807,6 +807,10 @@ class CanaryMetricSettings(_Strict):
 
     - ``max_error_rate_increase``: malformed answers (no intent and no clarify, or a
       confidence that is not a number in [0, 1]): canary − production ≤ this.
+    - ``rate_alpha``: the rate checks (error, clarify, feedback) fail only when the
+      canary's excess over production + the allowed increase is also significant: a
+      one-sided two-proportion z-test gives p < this (30 canary answers put ±9 pt of noise
+      on a 40 % rate).
     - ``max_latency_p95_ratio`` / ``max_latency_p95_ms``: server-side p95 latency:
       canary ≤ production × ratio and ≤ this many milliseconds.
     - ``max_clarify_rate_increase``: canary − production ≤ this.
@@ -821,6 +825,7 @@ class CanaryMetricSettings(_Strict):
     """
 
     max_error_rate_increase: float = Field(0.01, ge=0, le=1)
+    rate_alpha: float = Field(0.05, gt=0, lt=1)
     max_latency_p95_ratio: float = Field(1.5, ge=1)
     max_latency_p95_ms: float = Field(1000.0, gt=0)
     max_clarify_rate_increase: float = Field(0.05, ge=0, le=1)

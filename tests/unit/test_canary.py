@@ -304,3 +304,34 @@ def test_collect_traffic_reads_committed_rows_since(tmp_path: Path) -> None:
     assert empty.empty and list(empty.columns) == TRAFFIC_SCHEMA.names
     with pytest.raises(ValueError, match="slack_s"):
         collect_traffic(root, SINCE, slack_s=-1)
+
+
+def test_a_rate_above_its_limit_fails_only_when_significant() -> None:
+    """The demo's first run: 51.5 % clarify over 33 canary answers against 38.1 % over
+    211 is +13 pt, above +5 allowed, but well within sampling noise at that size: pass,
+    with the p-value said. The same rates over 1,000 answers each: fail."""
+    small = analyse(frame(route_records("production", "1", 210, clarify_per_20=8),
+                          route_records("canary", "2", 33, clarify_per_20=10)),
+                    settings=SETTINGS.model_copy(update={"step": SETTINGS.step.model_copy(
+                        update={"min_samples": 30})}))
+    check = next(c for c in small.checks if c.name == "clarify_rate")
+    assert check.canary > check.limit and check.p_value is not None
+    assert check.p_value >= SETTINGS.metrics.rate_alpha and check.passed
+    assert "not significant" in check.detail
+    large = analyse(frame(route_records("production", "1", 1000, clarify_per_20=8),
+                          route_records("canary", "2", 1000, clarify_per_20=10)))
+    check = next(c for c in large.checks if c.name == "clarify_rate")
+    assert not check.passed and check.p_value is not None and check.p_value < 0.05
+    assert "significant (p = " in check.detail
+
+
+def test_excess_p_value() -> None:
+    from monitoring.canary import excess_p_value
+
+    # exactly at the margin: p = 0.5; far above: ~0; below: ~1; no variance: 0 or 1
+    assert excess_p_value(0.15, 100, 0.10, 100, 0.05) == pytest.approx(0.5)
+    assert excess_p_value(0.5, 1000, 0.1, 1000, 0.05) < 1e-6
+    assert excess_p_value(0.1, 1000, 0.1, 1000, 0.05) > 0.99
+    assert excess_p_value(1.0, 10, 0.0, 10, 0.05) == 0.0
+    with pytest.raises(ValueError, match="sample sizes"):
+        excess_p_value(0.1, 0, 0.1, 10, 0.0)
