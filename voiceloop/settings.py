@@ -807,10 +807,10 @@ class CanaryMetricSettings(_Strict):
 
     - ``max_error_rate_increase``: malformed answers (no intent and no clarify, or a
       confidence that is not a number in [0, 1]): canary − production ≤ this.
-    - ``rate_alpha``: the rate checks (error, clarify, feedback) fail only when the
-      canary's excess over production + the allowed increase is also significant: a
-      one-sided two-proportion z-test gives p < this (30 canary answers put ±9 pt of noise
-      on a 40 % rate).
+    - ``rate_alpha``: the rate checks (error, clarify, feedback) and the confidence
+      check fail only when the canary's excess beyond the allowed difference is also
+      significant: a one-sided z-test (two proportions; two means) gives p < this (30
+      canary answers put ±9 pt of noise on a 40 % rate).
     - ``max_latency_p95_ratio`` / ``max_latency_p95_ms``: server-side p95 latency:
       canary ≤ production × ratio and ≤ this many milliseconds.
     - ``max_clarify_rate_increase``: canary − production ≤ this.

@@ -50,6 +50,7 @@ def route_records(
     intent: Callable[[int], str] = lambda i: INTENTS[i % len(INTENTS)],
     feedback_every: int = 50,
     registry_version: str | None = None,
+    confidence: Callable[[int], float] = lambda i: 0.9,
 ) -> list[TrafficRecord]:
     """``n`` answered requests of one route, one a second from ``start``, plus feedback on
     every ``feedback_every``-th. Defaults: 5 % clarify, latency 20-29 ms, 8 intents evenly,
@@ -61,7 +62,7 @@ def route_records(
         records.append(TrafficRecord(
             request_id=rid, timestamp=ts, device_id=f"d{i % 37}", route=route,
             model_version=version, registry_version=registry_version,
-            transcript="turn on the light", intent=intent(i), confidence=0.9,
+            transcript="turn on the light", intent=intent(i), confidence=confidence(i),
             clarify=i % 20 < clarify_per_20, latency_ms=(20 + i % 10) * latency_factor,
             duration_s=1.5, sample_rate=16000, audio_format="wav"))
         if feedback_every and i % feedback_every == 0:
@@ -335,3 +336,27 @@ def test_excess_p_value() -> None:
     assert excess_p_value(1.0, 10, 0.0, 10, 0.05) == 0.0
     with pytest.raises(ValueError, match="sample sizes"):
         excess_p_value(0.1, 0, 0.1, 10, 0.0)
+
+
+def test_a_confidence_drop_fails_only_when_significant() -> None:
+    """The demo's second run: mean confidence 70.9 % vs 78.0 % over 39 and 41 answers,
+    a drop of 7 pt against 3 allowed, is within the noise of ~40 answers (sd ~0.15):
+    pass. The same drop over 1,000 answers a route: fail."""
+    rng = np.random.default_rng(3)
+    cand = np.clip(rng.normal(0.71, 0.15, 1000), 0.05, 1.0)
+    prod = np.clip(rng.normal(0.78, 0.15, 1000), 0.05, 1.0)
+    small = SETTINGS.model_copy(update={"step": SETTINGS.step.model_copy(
+        update={"min_samples": 30})})
+    few = analyse(frame(route_records("production", "1", 40, confidence=lambda i: prod[i],
+                                      clarify_per_20=0),
+                        route_records("canary", "2", 40, confidence=lambda i: cand[i],
+                                      clarify_per_20=0)), settings=small)
+    check = next(c for c in few.checks if c.name == "confidence")
+    assert check.canary < check.limit and check.p_value is not None
+    assert check.passed and "not significant" in check.detail
+    many = analyse(frame(route_records("production", "1", 1000, confidence=lambda i: prod[i],
+                                       clarify_per_20=0),
+                         route_records("canary", "2", 1000, confidence=lambda i: cand[i],
+                                       clarify_per_20=0)))
+    check = next(c for c in many.checks if c.name == "confidence")
+    assert not check.passed and check.p_value is not None and check.p_value < 0.05
