@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,55 @@ class DemoStory:
     def add(self, line: str) -> None:
         self.events.append(line)
         _say(line)
+
+
+DRIFT_CHECKS = 3
+"""Drift checks on successive windows of the drifted users before the demo gives up."""
+
+
+def paired_scores(settings: Settings, registry: Any, run_id: str, since: datetime,
+                  versions: list[str]) -> dict[str, dict[str, float]]:
+    """Each registry version's scores on the requests of simulator run ``run_id`` (sent
+    at or after ``since``): their stored audio re-answered offline by every version,
+    against the annotations of that run — the same utterances for every version.
+
+    Raises:
+        LookupError: the run left no annotated request in the traffic store.
+    """
+    from model.data.manifest import ManifestRow
+    from model.evaluation.report import evaluate
+    from model.inference.onnx import load_predictor
+    from monitoring.canary import collect_traffic
+    from serving.contracts import Annotation
+    from voiceloop.registry import VersionRef
+
+    labels: dict[str, Annotation] = {}
+    for path in sorted(Path(settings.annotations_root).glob(f"dt=*/{run_id}.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                a = Annotation.model_validate_json(line)
+                labels[a.request_id] = a
+    frame = collect_traffic(settings.traffic_root, since)
+    frame = frame[(frame["kind"] == "request") & frame["request_id"].isin(labels)]
+    rows = [ManifestRow(
+        id=rid, audio=str(Path(settings.traffic_root) / audio), duration_s=duration,
+        transcript=labels[rid].transcript, intent=labels[rid].intent, slots=labels[rid].slots,
+        engine=labels[rid].engine or "traffic", voice=labels[rid].voice or "unknown",
+        split="test", template_id="traffic", domain=labels[rid].domain or "general")
+        for rid, audio, duration in zip(frame["request_id"], frame["audio"],
+                                        frame["duration_s"], strict=True)]
+    if not rows:
+        raise LookupError(f"simulator run {run_id}: no annotated request in the traffic store")
+    scores: dict[str, dict[str, float]] = {}
+    for version in versions:
+        folder = registry.model_folder(VersionRef(registry.name, version, None, ""))
+        predictor = load_predictor(folder, batch_size=settings.decode.batch_size, threads=2)
+        report = evaluate(rows, predictor.predict_files([r.id for r in rows],
+                                                        [Path(r.audio) for r in rows]))
+        m = report.overall
+        scores[version] = {"n": len(rows), "intent": m.intent_accuracy,
+                           "frame": m.exact_match, "semer": m.semer, "slot_f1": m.slot_f1}
+    return scores
 
 
 def background_seed(settings: Settings, round_: int) -> int:
@@ -311,11 +361,21 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
         story.add(f"{scenario} users: {drift.sent} requests; production version {prod.version} "
                   f"answers intent {drift.intent_accuracy:.1%}, exact frame "
                   f"{drift.frame_accuracy:.1%}")
-        ingest_flow(settings.profile, str(ws))
-        check = monitor_flow(settings.profile, str(ws))
+        # The monitor judges the latest window; a subtle shift (accent_shift: detection
+        # delay ~100 samples at 200-row windows, benchmarks/drift_detection.py) may take
+        # more than one window, as it would on the hourly schedule: the users keep talking.
+        for attempt in range(1, DRIFT_CHECKS + 1):
+            ingest_flow(settings.profile, str(ws))
+            check = monitor_flow(settings.profile, str(ws))
+            if check["drifted"] or attempt == DRIFT_CHECKS:
+                break
+            story.add(f"drift check {attempt} on the latest {drift_settings.window_rows} "
+                      f"requests: no drift yet; the {scenario} users keep talking")
+            simulate(url, scenario, settings=settings, requests=drift_settings.window_rows,
+                     rate=0, concurrency=4, progress=False, seed=settings.seed + 100 + attempt)
         story.figures["evidently_report"] = f"{check.get('report_dir')}/drift.html"
         if not check["drifted"]:
-            raise RuntimeError(f"the drift check missed the {scenario} shift: {check}")
+            raise RuntimeError(f"{DRIFT_CHECKS} drift checks missed the {scenario} shift: {check}")
         story.add(f"drift detected (alert {check['alert_id']}): {'; '.join(check['reasons'])}; "
                   "event voiceloop.drift.detected emitted → the retraining deployment starts")
 
@@ -341,16 +401,23 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
         story.add(f"version {new}: gate {tags.get('gate.result')}; {status}: "
                   f"{tags.get('rollout.reason', '')}")
         _say(f"{scenario} users again: {requests} requests …")
+        after_start = datetime.now(UTC)
         after = simulate(url, scenario, settings=settings, requests=requests, rate=0,
                          concurrency=4, progress=False, seed=settings.seed + 7)
         now = registry.alias("production")
         story.figures["drift_after"] = {"intent": after.intent_accuracy,
                                         "frame": after.frame_accuracy,
                                         "version": now.version if now else None}
-        story.add(f"{scenario} users again: production version {now.version if now else '-'} "
-                  f"answers intent {after.intent_accuracy:.1%} (was "
-                  f"{drift.intent_accuracy:.1%}), exact frame {after.frame_accuracy:.1%} (was "
-                  f"{drift.frame_accuracy:.1%})")
+        story.add(f"{scenario} users again (a fresh draw: the first one was trained on): "
+                  f"production version {now.version if now else '-'} answers intent "
+                  f"{after.intent_accuracy:.1%}, exact frame {after.frame_accuracy:.1%}")
+        # Before/after on the same utterances: both versions re-answer this draw offline.
+        paired = paired_scores(settings, registry, after.run_id, after_start,
+                               sorted({prod.version, now.version if now else prod.version}))
+        story.figures["drift_paired"] = paired
+        story.add("on the same " + str(next(iter(paired.values()))["n"]) + " utterances: " + "; ".join(
+            f"version {v} intent {s['intent']:.1%}, exact frame {s['frame']:.1%}, SemER "
+            f"{s['semer']:.1%}" for v, s in paired.items()))
 
         # A deliberately bad candidate.
         story.add("a deliberately bad candidate: retraining on shuffled intent labels")
