@@ -192,10 +192,7 @@ def cycle(base: Settings, scenario: str, args: argparse.Namespace, bench: Path,
     from voiceloop.stages import seed_production
 
     ws = bench / "runs" / scenario
-    shutil.rmtree(ws, ignore_errors=True)
-    (ws / "corpus").mkdir(parents=True)
     profile = base.retrain.base_profile
-    (ws / "corpus" / profile).symlink_to(shared["base_corpus"], target_is_directory=True)
     settings = base.model_copy(update={
         "workspace": ws,
         "serving": base.serving.model_copy(update={
@@ -203,6 +200,24 @@ def cycle(base: Settings, scenario: str, args: argparse.Namespace, bench: Path,
         "monitoring": base.monitoring.model_copy(update={
             "ingest": base.monitoring.ingest.model_copy(update={"dvc": False})})})
     times: dict[str, float] = {}
+    cache = bench / "cache" / base.profile
+    finished = sorted((ws / "retrain").glob("*/metrics.json")) if args.resume else []
+    if finished:  # --resume: the cycle trained already; score it again
+        from voiceloop.retrain import RetrainSpec
+
+        run_dir = finished[-1].parent
+        spec = RetrainSpec.load(run_dir)
+        metrics = json.loads(finished[-1].read_text(encoding="utf-8"))
+        log.info("[%s] resuming the trained cycle %s", scenario, run_dir)
+        held = render(settings, scenario, args.eval, _SEEDS["eval"], cache / f"{scenario}-eval",
+                      args.render_workers)
+        return _scores(scenario, spec, metrics, run_dir / "student" / "deploy", held, shared,
+                       args, times | {"teacher_s": metrics["teacher_minutes"] * 60,
+                                      "student_s": metrics["student_minutes"] * 60},
+                       version=spec.parent_version, quarantined=None)
+    shutil.rmtree(ws, ignore_errors=True)
+    (ws / "corpus").mkdir(parents=True)
+    (ws / "corpus" / profile).symlink_to(shared["base_corpus"], target_is_directory=True)
 
     t0 = time.perf_counter()
     version = seed_production(settings)
@@ -214,7 +229,6 @@ def cycle(base: Settings, scenario: str, args: argparse.Namespace, bench: Path,
     log.info("[%s] production = registry version %s (%s)", scenario, version, student_dir)
 
     t0 = time.perf_counter()
-    cache = bench / "cache" / base.profile
     pool = render(settings, scenario, args.pool, _SEEDS["pool"], cache / f"{scenario}-pool",
                   args.render_workers)
     held = render(settings, scenario, args.eval, _SEEDS["eval"], cache / f"{scenario}-eval",
@@ -243,20 +257,30 @@ def cycle(base: Settings, scenario: str, args: argparse.Namespace, bench: Path,
     times["teacher_s"] = outputs.metrics["teacher_minutes"] * 60
     times["student_s"] = outputs.metrics["student_minutes"] * 60
 
+    return _scores(scenario, spec, outputs.metrics, outputs.bundle, held, shared, args, times,
+                   version=version, quarantined=report.quarantined)
+
+
+def _scores(scenario: str, spec: Any, metrics: dict[str, float], bundle: Path, held: Pool,
+            shared: dict[str, Any], args: argparse.Namespace, times: dict[str, float], *,
+            version: str | None, quarantined: int | None) -> dict[str, Any]:
+    """Production and the candidate bundle on the three sets; the cycle's figures."""
+    prod = shared["prod"]
     t0 = time.perf_counter()
-    cand = load_predictor(outputs.deploy_dir, batch_size=16, threads=args.threads)
+    cand = load_predictor(bundle, batch_size=16, threads=args.threads)
     sets = {"drifted": paired(held.rows, prod, cand),
             "baseline": paired(shared["baseline"].rows, prod, cand),
             "golden": paired(shared["golden"], prod, cand)}
     times["evaluate_s"] = time.perf_counter() - t0
     labelled_share = spec.labelled / max(1, spec.pool)
     return {"scenario": scenario, "registry_version": version, "retrain_run": spec.run_id,
-            "pool": spec.pool, "quarantined": report.quarantined,
+            "pool": spec.pool, "quarantined": quarantined,
             "labels": {"used": spec.labelled, "requested": spec.requested,
                        "budget": spec.budget, "share_of_pool": labelled_share},
             "pseudo_labels": spec.pseudo, "replay": spec.replay, "sets": sets,
             "seconds": {k: round(v, 1) for k, v in times.items()},
-            "candidate_valid": outputs.metrics}
+            "resumed": not any(k == "serve_s" for k in times),
+            "candidate_valid": metrics}
 
 
 def verdicts(run: dict[str, Any]) -> dict[str, Any]:
@@ -335,6 +359,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="bench folder (default <workspace>/benchmarks/loop_efficacy)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "loop_efficacy.json")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. the recipe)")
+    p.add_argument("--resume", action="store_true",
+                   help="score a scenario whose cycle already trained (its workspace under "
+                        "runs/) instead of running it again; its stage times other than "
+                        "training are then not measured")
     return p
 
 
