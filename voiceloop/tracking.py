@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from voiceloop.settings import Settings
@@ -103,7 +104,7 @@ def _seed_sqlite_store(db: Path, artifact_root: Path) -> None:
             os.link(tmp, db)
         except FileExistsError:
             pass  # another process created the store meanwhile: use theirs
-    except (OSError, sqlite3.Error) as exc:  # MLflow then creates the store itself
+    except (OSError, sqlite3.Error, MlflowException) as exc:  # MLflow then creates the store
         log.warning("could not seed the MLflow store %s from the template: %s", db, exc)
     finally:
         tmp.unlink(missing_ok=True)
