@@ -89,11 +89,7 @@ def _labelled_traffic(settings: Settings, limit: int) -> list[ManifestRow]:
             a = labels.get(rid)
             if a is None:
                 continue
-            rows.append(ManifestRow(
-                id=rid, audio=str(Path(settings.traffic_root) / audio), duration_s=duration,
-                transcript=a.transcript, intent=a.intent, slots=a.slots, engine=a.engine or "traffic",
-                voice=a.voice or "unknown", split="test", template_id="traffic",
-                domain=a.domain or "general"))
+            rows.append(a.manifest_row(str(Path(settings.traffic_root) / audio), duration))
         if len(rows) >= limit:
             break
     return rows[:limit]

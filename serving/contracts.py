@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.data.manifest import Slot
+from model.data.manifest import ManifestRow, Slot
 
 __all__ = [
     "ROUTES",
@@ -146,3 +146,12 @@ class Annotation(BaseModel):
     voice: str = ""
     augment: list[str] = Field(default_factory=list)
     timestamp: datetime | None = None
+
+    def manifest_row(self, audio: str, duration_s: float) -> ManifestRow:
+        """This labelled request as an evaluation row (split ``test``, template
+        ``traffic``) whose audio is ``audio`` (the stored request's file)."""
+        return ManifestRow(
+            id=self.request_id, audio=audio, duration_s=duration_s,
+            transcript=self.transcript, intent=self.intent, slots=self.slots,
+            engine=self.engine or "traffic", voice=self.voice or "unknown", split="test",
+            template_id="traffic", domain=self.domain or "general")

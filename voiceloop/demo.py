@@ -138,7 +138,6 @@ def paired_scores(settings: Settings, registry: Any, run_id: str, since: datetim
     Raises:
         LookupError: the run left no annotated request in the traffic store.
     """
-    from model.data.manifest import ManifestRow
     from model.evaluation.report import evaluate
     from model.inference.onnx import load_predictor
     from monitoring.canary import collect_traffic
@@ -153,13 +152,9 @@ def paired_scores(settings: Settings, registry: Any, run_id: str, since: datetim
                 labels[a.request_id] = a
     frame = collect_traffic(settings.traffic_root, since)
     frame = frame[(frame["kind"] == "request") & frame["request_id"].isin(labels)]
-    rows = [ManifestRow(
-        id=rid, audio=str(Path(settings.traffic_root) / audio), duration_s=duration,
-        transcript=labels[rid].transcript, intent=labels[rid].intent, slots=labels[rid].slots,
-        engine=labels[rid].engine or "traffic", voice=labels[rid].voice or "unknown",
-        split="test", template_id="traffic", domain=labels[rid].domain or "general")
-        for rid, audio, duration in zip(frame["request_id"], frame["audio"],
-                                        frame["duration_s"], strict=True)]
+    rows = [labels[rid].manifest_row(str(Path(settings.traffic_root) / audio), duration)
+            for rid, audio, duration in zip(frame["request_id"], frame["audio"],
+                                            frame["duration_s"], strict=True)]
     if not rows:
         raise LookupError(f"simulator run {run_id}: no annotated request in the traffic store")
     scores: dict[str, dict[str, float]] = {}
