@@ -85,7 +85,6 @@ class Pool:
     """Rendered utterances with ground truth, written as WAV files and manifest rows."""
 
     name: str
-    items: list[SimUtterance]
     rows: list[ManifestRow]
 
 
@@ -124,7 +123,7 @@ def render(settings: Settings, scenario: str, count: int, seed: int, folder: Pat
                  time.perf_counter() - t0)
     rows = [ManifestRow.model_validate_json(line)
             for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return Pool(scenario, items, rows)
+    return Pool(scenario, rows)
 
 
 def scores(report: EvaluationReport) -> dict[str, float]:
