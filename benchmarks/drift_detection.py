@@ -645,7 +645,9 @@ def ingest_throughput(settings: Settings, rendered: Rendered, records: list[Traf
     """Time :func:`ingest` (DVC as configured) over ``records`` written through the
     traffic store in the service's batch size, after an untimed warm-up ingestion of a
     few samples (imports, Great Expectations context, ONNX Runtime session: once per
-    process, not per sample). Also times the embedding alone, for the breakdown."""
+    process, not per sample). ``phase_s``: where the time went, summed over batches
+    (:attr:`monitoring.ingest.BatchOutcome.phase_seconds`); the embedding is also timed
+    alone, outside ingestion."""
     cfg = settings.monitoring.ingest
     embedder = load_predictor(model, batch_size=cfg.embed_batch_size, threads=threads,
                               use_lm=False)
@@ -659,11 +661,16 @@ def ingest_throughput(settings: Settings, rendered: Rendered, records: list[Traf
     embedder.embed_waveforms(rendered.audio[:len(records)], [rendered.rate] * len(records))
     embed_s = time.perf_counter() - t0
     batch_s = sum(b.seconds for b in report.batches)
+    phases: dict[str, float] = {}
+    for b in report.batches:
+        for k, v in b.phase_seconds.items():
+            phases[k] = phases.get(k, 0.0) + v
     return {"samples": report.requests, "accepted": report.accepted,
             "quarantined": report.quarantined, "batches": len(report.batches),
             "batch_records": settings.serving.traffic.batch_max_records,
             "seconds": round(seconds, 2), "samples_per_s": round(report.requests / seconds, 1),
-            "batches_s": round(batch_s, 2), "versioning_and_ledger_s": round(seconds - batch_s, 2),
+            "batches_s": round(batch_s, 2), "phase_s": {k: round(v, 2) for k, v in phases.items()},
+            "versioning_and_ledger_s": round(seconds - batch_s, 2),
             "embedding_only_samples_per_s": round(len(records) / embed_s, 1),
             "ort_threads": threads, "dvc": cfg.dvc, "cpu_count": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2)}

@@ -79,6 +79,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -103,8 +104,13 @@ from monitoring.schema import (
     embedding_columns,
 )
 from monitoring.traffic_suite import AUDIO_FACT_COLUMNS, TrafficSuite, audio_facts
-from serving.contracts import TrafficRecord
-from serving.traffic import TRAFFIC_SCHEMA, BatchInfo, list_batches, read_audio, read_batch_frame
+from serving.traffic import (
+    TRAFFIC_SCHEMA,
+    BatchInfo,
+    StoredAudio,
+    list_batches,
+    read_batch_frame,
+)
 from voiceloop.settings import IngestSettings, Settings
 
 __all__ = [
@@ -203,6 +209,9 @@ class BatchOutcome(BaseModel):
         failed_checks: failing rows per suite check.
         outputs: written files, relative to the curated root (None: not written).
         seconds: wall time for the batch.
+        phase_seconds: where it went (last try) — ``read`` (the rows, the audio and its
+            facts), ``validate`` (the GX suite), ``embed`` (the encoder) and ``write``
+            (the Parquet outputs). Empty for a poison batch.
     """
 
     batch_id: str
@@ -219,6 +228,7 @@ class BatchOutcome(BaseModel):
     failed_checks: dict[str, int] = {}
     outputs: dict[str, str | None] = {}
     seconds: float = 0.0
+    phase_seconds: dict[str, float] = {}
 
     def balanced(self) -> bool:
         return (self.records == self.requests + self.feedback
@@ -397,7 +407,7 @@ def _exclusive(root: Path) -> Iterator[None]:
 # One batch
 
 
-def _read_audio(root: str, row: Mapping[str, Any]) -> tuple[np.ndarray | None, int, str]:
+def _read_audio(store: StoredAudio, row: Mapping[str, Any]) -> tuple[np.ndarray | None, int, str]:
     """The stored audio of one request row: ``(samples or None, rate, error)``.
 
     A missing or undecodable file is the row's problem (returned as ``error``); any other
@@ -406,11 +416,8 @@ def _read_audio(root: str, row: Mapping[str, Any]) -> tuple[np.ndarray | None, i
     path = row.get("audio")
     if not isinstance(path, str) or not path:
         return None, -1, "no audio stored"
-    # model_construct: the row may break the record's contract (that is the suite's to
-    # say); read_audio only needs the path.
-    record = TrafficRecord.model_construct(request_id=str(row.get("request_id")), audio=path)
     try:
-        samples, rate = read_audio(root, record)
+        samples, rate = store.read(path)
     except FileNotFoundError:
         return None, -1, f"audio file missing: {path}"
     except (sf.SoundFileError, RuntimeError, ValueError) as exc:
@@ -424,12 +431,28 @@ def _table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
 
 
+@dataclass(frozen=True)
+class _LoadedBatch:
+    """A batch as :meth:`_BatchIngestor.load` read it: all rows, the feedback and request
+    rows apart, the request rows joined with their :data:`AUDIO_FACT_COLUMNS`, the decoded
+    audio per request row (None where it does not decode), and the seconds it took."""
+
+    info: BatchInfo
+    frame: pd.DataFrame
+    feedback: pd.DataFrame
+    requests: pd.DataFrame
+    joined: pd.DataFrame
+    waves: list[np.ndarray | None]
+    seconds: float
+
+
 class _BatchIngestor:
     """Reads, validates and featurises batches of one run (shared suite, model, values)."""
 
     def __init__(self, traffic_root: str, curated: Path, settings: IngestSettings,
                  predictor: BatchPredictor, values: Mapping[str, Any]) -> None:
         self.traffic_root = traffic_root
+        self.audio = StoredAudio(traffic_root)
         self.curated = curated
         self.settings = settings
         self.predictor = predictor
@@ -440,8 +463,10 @@ class _BatchIngestor:
 
     # -- a successful batch -----------------------------------------------------------
 
-    def process(self, info: BatchInfo, seen: Mapping[str, str]) -> tuple[BatchOutcome, set[str]]:
-        """Ingest one batch; returns its outcome and the request ids it brought."""
+    def load(self, info: BatchInfo) -> _LoadedBatch:
+        """Read one batch and its stored audio and measure the audio (everything about a
+        batch that needs neither the run's earlier batches nor the model)."""
+        start = time.monotonic()
         frame = read_batch_frame(self.traffic_root, info)
         is_feedback = (frame["kind"] == "feedback").to_numpy()
         feedback = frame[is_feedback].reset_index(drop=True)
@@ -450,15 +475,28 @@ class _BatchIngestor:
         waves: list[np.ndarray | None] = []
         facts: list[dict[str, Any]] = []
         for row in requests.to_dict("records"):
-            samples, rate, error = _read_audio(self.traffic_root, row)
+            samples, rate, error = _read_audio(self.audio, row)
             waves.append(samples)
             transcript = row.get("transcript") if isinstance(row.get("transcript"), str) else ""
             facts.append(audio_facts(samples, rate, error, transcript))
         joined = pd.concat(
             [requests, pd.DataFrame(facts, columns=list(AUDIO_FACT_COLUMNS))], axis=1)
+        return _LoadedBatch(info, frame, feedback, requests, joined, waves,
+                            time.monotonic() - start)
+
+    def process(self, loaded: _LoadedBatch, seen: Mapping[str, str]
+                ) -> tuple[BatchOutcome, set[str]]:
+        """Validate, embed and write one loaded batch; returns its outcome and the
+        request ids it brought."""
+        info, frame, feedback = loaded.info, loaded.frame, loaded.feedback
+        requests, joined, waves = loaded.requests, loaded.joined, loaded.waves
+        phases = {"read": loaded.seconds}
+        start = time.monotonic()
         validation = self.suite.validate(joined, seen)
         reasons = [list(r) for r in validation.reasons]
+        phases["validate"] = time.monotonic() - start
 
+        start = time.monotonic()
         accepted = [i for i, ok in enumerate(validation.passed) if ok]
         if accepted:
             emb = self.predictor.embed_waveforms(
@@ -473,7 +511,9 @@ class _BatchIngestor:
         else:
             emb = np.zeros((0, self.dim), dtype=np.float32)
         rejected = [i for i in range(len(joined)) if reasons[i]]
+        phases["embed"] = time.monotonic() - start
 
+        start = time.monotonic()
         paths = _outputs(info)
         written: dict[str, str | None] = {}
         tables = {
@@ -493,11 +533,13 @@ class _BatchIngestor:
                 _write_parquet(self.curated, paths[kind], table)
                 written[kind] = paths[kind]
         ids = {str(r) for r in requests["request_id"] if isinstance(r, str) and r}
+        phases["write"] = time.monotonic() - start
         outcome = BatchOutcome(
             batch_id=info.batch_id, dt=info.dt, hour=info.hour, status="ingested",
             records=len(frame), requests=len(requests), feedback=len(feedback),
             accepted=len(accepted), quarantined=len(rejected),
             failed_checks=validation.failed_checks, outputs=written,
+            phase_seconds={k: round(v, 4) for k, v in phases.items()},
         )
         return outcome, ids
 
@@ -734,7 +776,7 @@ def _ingest_one(
     while True:
         attempts += 1
         try:
-            outcome, ids = worker.process(info, seen)
+            outcome, ids = worker.process(worker.load(info), seen)
             break
         except OSError as exc:
             if attempts <= cfg.retries:

@@ -135,12 +135,15 @@ def traffic_expectations(settings: IngestSettings) -> list[gx.expectations.Expec
         e.ExpectColumnValuesToBeBetween(column="audio_sample_rate",
                                         min_value=s.min_sample_rate,
                                         max_value=s.max_sample_rate, row_condition=decodes),
+        # No row condition below: these facts are NaN where the audio does not decode,
+        # and GX skips nulls in range checks (a row condition costs a pandas query over
+        # every column of the batch: a fifth of the suite's time on a 256-row batch).
         e.ExpectColumnValuesToBeBetween(column="audio_duration_s", min_value=s.min_duration_s,
-                                        max_value=s.max_duration_s, row_condition=decodes),
+                                        max_value=s.max_duration_s),
         e.ExpectColumnValuesToBeBetween(column="audio_silence_share", min_value=0.0,
-                                        max_value=s.max_silence_share, row_condition=decodes),
+                                        max_value=s.max_silence_share),
         e.ExpectColumnValuesToBeBetween(column="audio_clipping_share", min_value=0.0,
-                                        max_value=s.max_clipping_share, row_condition=decodes),
+                                        max_value=s.max_clipping_share),
     ]
 
 

@@ -79,6 +79,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "TRAFFIC_SCHEMA",
     "BatchInfo",
+    "StoredAudio",
     "TrafficStats",
     "TrafficWriter",
     "list_batches",
@@ -673,6 +674,32 @@ def read_batch(root: str, info: BatchInfo) -> list[TrafficRecord]:
     return records
 
 
+class StoredAudio:
+    """Reads the stored audio files of one traffic store through one filesystem handle
+    (for readers of many files, e.g. ingestion; :func:`read_audio` reads one).
+
+    Args:
+        root: the traffic store (a path or fsspec URL).
+    """
+
+    def __init__(self, root: str) -> None:
+        self._store = _Store(root)
+
+    def read(self, rel: str) -> tuple[np.ndarray, int]:
+        """The file ``rel`` (a record's ``audio``, relative to the store): float32
+        samples (±1.0 full scale; ``(N,)`` mono or ``(N, C)``) and the rate in Hz.
+
+        Raises:
+            ValueError: ``rel`` is empty.
+            FileNotFoundError: no such file.
+            soundfile.SoundFileError: it does not decode.
+        """
+        if not rel:
+            raise ValueError("no stored audio path (audio='')")
+        samples, rate = sf.read(io.BytesIO(self._store.read(rel)), dtype="float32")
+        return samples, int(rate)
+
+
 def read_audio(root: str, record: TrafficRecord) -> tuple[np.ndarray, int]:
     """The stored audio of ``record``: float32 samples (±1.0 full scale) and the rate.
 
@@ -681,8 +708,7 @@ def read_audio(root: str, record: TrafficRecord) -> tuple[np.ndarray, int]:
     """
     if not record.audio:
         raise ValueError(f"record {record.request_id!r} has no stored audio (audio='')")
-    samples, rate = sf.read(io.BytesIO(_Store(root).read(record.audio)), dtype="float32")
-    return samples, int(rate)
+    return StoredAudio(root).read(record.audio)
 
 
 def uncommitted(root: str) -> list[str]:

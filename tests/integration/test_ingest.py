@@ -32,7 +32,7 @@ from monitoring.schema import (
     SIGNAL_FEATURES,
 )
 from serving.contracts import TrafficRecord
-from serving.traffic import TrafficWriter, list_batches
+from serving.traffic import TrafficWriter, list_batches, read_batch_frame
 from tests.support import tiny_package
 from voiceloop.settings import Settings, TrafficSettings, load_settings
 
@@ -141,6 +141,7 @@ def test_ingest_validates_quarantines_versions_and_is_idempotent(
         (_record("clipped", 10), loud, RATE),
         (_record("short", 10), speech[6][: RATE // 10], RATE),
         (_record("rate4k", 10, sample_rate=4000), speech[7][::4].copy(), 4000),
+        (_record("broken", 10), speech[3], RATE),  # its stored file is overwritten below
         (_record("r1", 10, kind="feedback", route=None, model_version="", transcript="",
                  intent="", slots=[], feedback_kind="repeat"), None, None),
     ], commit_minute=1)
@@ -157,6 +158,8 @@ def test_ingest_validates_quarantines_versions_and_is_idempotent(
     assert [b.hour for b in batches] == [10, 11, 12]
     b1, b2, b3 = (b.batch_id for b in batches)
     (Path(root) / batches[2].path).write_bytes(b"PAR1 this is not a parquet file PAR1")
+    stored = read_batch_frame(root, batches[0]).set_index("request_id")["audio"]
+    (Path(root) / stored["broken"]).write_bytes(b"fLaC but not really")
 
     # -- first run ------------------------------------------------------------------------
     first = ingest(settings, predictor)
@@ -164,14 +167,14 @@ def test_ingest_validates_quarantines_versions_and_is_idempotent(
     assert first.balanced()
     by_id = {b.batch_id: b for b in first.batches}
     assert [b.batch_id for b in first.batches] == [b1, b2, b3]
-    assert (by_id[b1].records, by_id[b1].requests, by_id[b1].feedback) == (10, 9, 1)
-    assert (by_id[b1].accepted, by_id[b1].quarantined) == (5, 4)
+    assert (by_id[b1].records, by_id[b1].requests, by_id[b1].feedback) == (11, 10, 1)
+    assert (by_id[b1].accepted, by_id[b1].quarantined) == (5, 5)
     assert (by_id[b2].accepted, by_id[b2].quarantined) == (2, 3)
     assert by_id[b3].status == "poison" and by_id[b3].quarantined == 2
     assert (by_id[b3].error or "").startswith("ArrowInvalid")  # not retried: not an OSError
     assert by_id[b3].attempts == 1
-    assert (first.records, first.requests, first.feedback) == (17, 16, 1)
-    assert (first.accepted, first.quarantined, first.poison_batches) == (7, 9, 1)
+    assert (first.records, first.requests, first.feedback) == (18, 17, 1)
+    assert (first.accepted, first.quarantined, first.poison_batches) == (7, 10, 1)
 
     reasons = _quarantine_reasons(curated)
     assert reasons["silent"] == ["silence share 1 above 0.8"]
@@ -179,6 +182,9 @@ def test_ingest_validates_quarantines_versions_and_is_idempotent(
                for r in reasons["clipped"])
     assert reasons["short"] == ["duration 0.1 s below 0.3 s"]
     assert reasons["rate4k"] == ["sample rate 4000 Hz outside [8000, 48000] Hz"]
+    # One broken file, one reason (its facts are null, so no range check fires on it).
+    assert len(reasons["broken"]) == 1 and reasons["broken"][0].startswith(
+        "audio does not decode: "), reasons["broken"]
     assert reasons["r2"] == [f"request_id 'r2' already ingested in batch {b1}"]
     assert reasons["badconf"] == ["confidence 1.2 outside [0, 1]"]
     assert reasons["r7"] == ["request_id 'r7' repeats row 1 of this batch"]  # first one kept
@@ -256,6 +262,7 @@ def test_ingest_validates_quarantines_versions_and_is_idempotent(
     assert recovered.balanced()
     assert [b.batch_id for b in recovered.batches] == [b4, b5]
     assert recovered.batches[0].attempts == 2 and recovered.batches[0].accepted == 2
+    assert set(recovered.batches[0].phase_seconds) == {"read", "validate", "embed", "write"}
     assert recovered.batches[1].status == "poison" and recovered.batches[1].quarantined == 2
     assert _quarantine_reasons(curated)["x2"] == ["poison batch: ValueError: featuriser bug"]
     table = _curated(curated)
