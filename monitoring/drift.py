@@ -12,8 +12,9 @@ The pipeline, per window:
 
    - *data + prediction report* on the whole window: one ``ValueDrift`` per numerical
      column (distance method, ``monitoring.drift.numerical``), one per categorical answer
-     column (``intent``, ``domain``, ``clarify``: prediction drift on their
-     distributions) and a ``DriftedColumnsCount`` over the numerical columns;
+     column (``intent``, ``domain``, ``clarify`` and :data:`SLOT_COUNT`, derived from
+     ``slots``: prediction drift on their distributions) and a ``DriftedColumnsCount``
+     over the numerical columns;
    - *embedding report*: ``EmbeddingsDrift`` on a seeded sample of at most
      ``embedding.sample_rows`` rows per side, projected on a whitened PCA fitted on the
      whole reference. Evidently draws a t-SNE map of every row it is given for
@@ -75,6 +76,7 @@ __all__ = [
     "CATEGORICAL_COLUMNS",
     "EMBEDDINGS_NAME",
     "NUMERICAL_COLUMNS",
+    "SLOT_COUNT",
     "DriftDecision",
     "DriftInputs",
     "DriftResult",
@@ -96,8 +98,17 @@ log = logging.getLogger(__name__)
 NUMERICAL_COLUMNS: tuple[str, ...] = SIGNAL_FEATURES + PREDICTION_FEATURES
 """Numerical columns compared one by one (data drift)."""
 
-CATEGORICAL_COLUMNS: tuple[str, ...] = CATEGORICAL_FEATURES
+SLOT_COUNT = "slot_count"
+"""A categorical answer column derived from ``slots`` (the answer's slots as JSON): how
+many slots the answer filled, as ``"0"``, ``"1"``, ``"2"`` or ``"3+"``. Users who name
+things the model never heard (new rooms, new devices) get answers with fewer slots long
+before intents or audio move; NaN where ``slots`` is absent or unreadable (a frame
+without ``slots`` skips this signal)."""
+
+CATEGORICAL_COLUMNS: tuple[str, ...] = (*CATEGORICAL_FEATURES, SLOT_COUNT)
 """Categorical answer columns compared one by one (prediction drift)."""
+
+_SLOT_COUNT_CAP = 3
 
 EMBEDDINGS_NAME = "encoder"
 """Name of the embedding group in Evidently's data definition."""
@@ -287,7 +298,7 @@ class DriftInputs:
     embedding_cols: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        required = [*NUMERICAL_COLUMNS, *CATEGORICAL_COLUMNS]
+        required = [*NUMERICAL_COLUMNS, *CATEGORICAL_FEATURES]  # SLOT_COUNT is derived
         for side, frame in (("reference", self.reference), ("current", self.current)):
             if not isinstance(frame, pd.DataFrame):
                 raise TypeError(f"{side} must be a pandas DataFrame, got {type(frame).__name__}")
@@ -314,13 +325,29 @@ class DriftInputs:
         return Window(start=start, end=end, n=len(self.current))
 
 
+def _slot_count(slots: Any) -> str | float:
+    """``"0"`` … ``"3+"`` for an answer's slots (a JSON list, or a list); NaN when unreadable."""
+    if isinstance(slots, str):
+        try:
+            slots = json.loads(slots)
+        except json.JSONDecodeError:
+            return math.nan
+    if not isinstance(slots, (list, tuple, np.ndarray)):
+        return math.nan
+    n = len(slots)
+    return f"{_SLOT_COUNT_CAP}+" if n >= _SLOT_COUNT_CAP else str(n)
+
+
 def _scalar_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """A new frame of the numerical (float) and categorical (str, NaN kept) columns."""
+    """A new frame of the numerical (float) and categorical (str, NaN kept) columns,
+    :data:`SLOT_COUNT` derived from ``slots``."""
     out = pd.DataFrame(index=pd.RangeIndex(len(frame)))
     for col in NUMERICAL_COLUMNS:
         values = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=float)
         out[col] = np.where(np.isfinite(values), values, np.nan)
-    for col in CATEGORICAL_COLUMNS:
+    slots = frame["slots"] if "slots" in frame.columns else pd.Series([None] * len(frame))
+    out[SLOT_COUNT] = pd.Series([_slot_count(v) for v in slots], dtype=object)
+    for col in CATEGORICAL_FEATURES:
         values = frame[col].reset_index(drop=True)
         # Evidently treats the categories as labels: ``clarify`` (bool) becomes
         # "True"/"False", so both sides compare the same strings.
@@ -892,7 +919,7 @@ class ReferenceStore:
         Raises:
             ValueError: an empty frame, or one lacking schema columns (named).
         """
-        missing = [c for c in (*NUMERICAL_COLUMNS, *CATEGORICAL_COLUMNS) if c not in frame.columns]
+        missing = [c for c in (*NUMERICAL_COLUMNS, *CATEGORICAL_FEATURES) if c not in frame.columns]
         if missing:
             raise ValueError(f"reference frame lacks columns {missing} (monitoring.schema)")
         if len(frame) == 0:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 
@@ -26,7 +28,8 @@ _MIX = np.random.default_rng(1234).normal(size=(8, DIM))
 def synthetic_traffic(n: int, seed: int, *, snr_shift: float = 0.0, level_shift: float = 0.0,
                       intent_p: np.ndarray | None = None, emb_shift: float = 0.0,
                       dim: int = DIM, embeddings: bool = True,
-                      model_version: str = "v1") -> pd.DataFrame:
+                      model_version: str = "v1",
+                      slots_p: tuple[float, ...] = (0.35, 0.4, 0.2, 0.05)) -> pd.DataFrame:
     """``n`` rows of synthetic curated traffic with every schema column.
 
     Args:
@@ -35,6 +38,7 @@ def synthetic_traffic(n: int, seed: int, *, snr_shift: float = 0.0, level_shift:
         emb_shift: added to embedding dimensions 0-2 (in units of the noise std 0.5).
         embeddings: add ``dim`` embedding columns.
         model_version: the ``model_version`` and ``embedding_model`` of every row.
+        slots_p: probabilities of answers with 0, 1, 2, … slots (``slots``, JSON).
     """
     rng = np.random.default_rng(seed)
     p = np.full(len(INTENTS), 1 / len(INTENTS)) if intent_p is None else intent_p
@@ -58,6 +62,8 @@ def synthetic_traffic(n: int, seed: int, *, snr_shift: float = 0.0, level_shift:
         "intent": [INTENTS[i] for i in idx],
         "domain": [DOMAINS[i] for i in idx],
         "clarify": confidence < 0.5,
+        "slots": [json.dumps([{"type": "name", "value": "lamp"}] * k)
+                  for k in rng.choice(len(slots_p), n, p=np.asarray(slots_p))],
     })
     if not embeddings:
         return frame

@@ -510,7 +510,8 @@ class NumericalDriftSettings(_Strict):
 
 class CategoricalDriftSettings(_Strict):
     """Prediction drift on the distributions of the categorical answer columns
-    (``intent``, ``domain``, ``clarify``): one Evidently ``ValueDrift`` per column with a
+    (``intent``, ``domain``, ``clarify``, and ``slot_count``: slots filled per answer,
+    derived from ``slots``): one Evidently ``ValueDrift`` per column with a
     distance ``method`` (``jensenshannon``: Jensen-Shannon distance, natural log, 0-0.83).
     Any column reaching its threshold (``thresholds[column]``, else ``threshold``) is
     *prediction drift*."""

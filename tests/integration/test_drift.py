@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from monitoring.drift import (
     CATEGORICAL_COLUMNS,
     NUMERICAL_COLUMNS,
+    SLOT_COUNT,
     DriftInputs,
     ReferenceStore,
     calibrate_thresholds,
@@ -122,6 +123,20 @@ def test_intent_shift_is_prediction_drift(reference: pd.DataFrame,
     assert decision.drifted and {"intent", "domain"} <= drifted
     assert not drifted & set(NUMERICAL_COLUMNS)
     assert decision.reasons == ["prediction drift: intent, domain"]
+
+
+def test_fewer_slots_in_the_answers_is_prediction_drift_on_slot_count(
+        reference: pd.DataFrame, settings: DriftSettings) -> None:
+    # users naming rooms and devices the model never heard: same intents, same audio,
+    # but answers that fill fewer slots
+    current = traffic(2000, seed=4, slots_p=(0.6, 0.3, 0.08, 0.02), embeddings=False)
+    decision = decide_drift(run_drift_report(reference, current, settings), settings)
+    drifted = {s.name for s in decision.signals if s.drifted}
+    assert decision.drifted and decision.reasons == [f"prediction drift: {SLOT_COUNT}"]
+    assert drifted == {SLOT_COUNT}
+    # without a ``slots`` column the signal is skipped, not failed
+    scores = signal_scores(reference.drop(columns="slots"), current, settings)
+    assert scores[SLOT_COUNT] is None and scores["intent"] is not None
 
 
 def test_embedding_shift_is_embedding_drift(reference: pd.DataFrame,
