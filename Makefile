@@ -36,8 +36,12 @@ system-packages:
 uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv
 
+# Bytecode is compiled once here: where PYTHONDONTWRITEBYTECODE is set (as in our CI image)
+# Python would otherwise compile every imported module from source in every process —
+# half of a 30-s CLI stage, and of each server and subprocess the tests start.
 venv: uv
-	uv sync --frozen
+	uv sync --frozen --compile-bytecode
+	uv run python -m compileall -q -j 0 model serving monitoring flows voiceloop benchmarks tests
 
 lint: venv
 	uv run ruff check .

@@ -42,7 +42,9 @@ def scratch_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src / name, root / name)
     for package in ("model", "monitoring", "serving", "voiceloop"):
-        shutil.copytree(src / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+        # __pycache__ too (copy2 keeps the source mtimes that make the bytecode valid):
+        # each stage is a new process, and compiling the packages costs it seconds.
+        shutil.copytree(src / package, root / package)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["profile"] = "tiny"
     # The shortest training that still exercises every stage (the e2e tests train longer):
