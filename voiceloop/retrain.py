@@ -175,9 +175,6 @@ def _traffic_audio(settings: Settings, rel: str) -> Path:
     return Path(settings.traffic_root) / rel
 
 
-_PSEUDO_TEMPLATE = "traffic-pseudo"  # the template_id of pseudo-labelled rows (_row)
-
-
 def _row(rid: str, audio: Path, transcript: str, intent: str, slots: list, domain: str,
          source: str) -> ManifestRow:
     info = sf.info(str(audio))
@@ -257,11 +254,10 @@ def plan_retraining(settings: Settings, corrupt_labels: bool = False,
         train = [row.model_copy(update={"intent": i}) for row, i in zip(train, intents, strict=True)]
     layout = CorpusLayout(settings.workspace / "corpus" / spec.profile)
     write_manifest(layout.manifest("train"), train)
-    # The LM's text (LM_TEXT_MANIFEST): the whole old corpus, not only the replayed
-    # sample, plus what annotators labelled; not the pseudo-labels (the teacher's guesses).
+    # The LM keeps the whole old corpus' text, not only the replayed sample's.
+    replayed = {row.id for row in replay}
     write_manifest(layout.manifest(LM_TEXT_MANIFEST),
-                   [row for row in new_rows if row.template_id != _PSEUDO_TEMPLATE]
-                   + [_absolute(row, base) for row in old])
+                   [_absolute(row, base) for row in old if row.id not in replayed])
     for split in ("valid", "valid_heldout", "test", "test_heldout"):
         if base.manifest(split).exists():
             write_manifest(layout.manifest(split),

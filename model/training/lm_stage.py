@@ -1,7 +1,7 @@
 """Give a trained model its transcript language model: build, tune on validation, attach.
 
-``attach_lm`` trains the word n-gram on the training split's transcripts (or, when the
-corpus has one, on its ``lm_text`` manifest instead: see :data:`LM_TEXT_MANIFEST`) — tagged
+``attach_lm`` trains the word n-gram on the training split's transcripts (and those of
+the corpus' ``lm_text`` manifest when it has one: see :data:`LM_TEXT_MANIFEST`) — tagged
 ones for a tagged CTC head, plus one short sentence per value of the grammar's value lists
 and per number of the numeric slot types, so every area, device name and number is in
 the lexicon — writes the ``lm/`` folder into the model folder (and any deploy bundles
@@ -55,13 +55,11 @@ from voiceloop.settings import Settings
 __all__ = ["LM_TEXT_MANIFEST", "LMResult", "attach_lm", "ctc_emissions", "lm_sentences"]
 
 LM_TEXT_MANIFEST = "lm_text"
-"""A corpus' optional manifest (``manifests/lm_text.jsonl``): when present, *its* rows'
-transcripts are the LM's text, in place of the training split's. A retraining trains on
-new data plus a replay *sample* of the old corpus, but its LM must (1) keep the whole old
-corpus' text — an LM of the sample alone lacked 49 of the production LM's 527 lexicon
-words, and the retrained student's slot F1 on the golden set fell 1.1 points instead of
-0.2 — and (2) leave out the pseudo-labels, which are trained on but are the teacher's
-guesses: an LM of them learns the teacher's mistakes as word sequences."""
+"""A corpus' optional manifest (``manifests/lm_text.jsonl``) of rows whose transcripts
+join the LM's text and are not trained on. A retraining trains on new data plus a replay
+*sample* of the old corpus but must keep the LM of the whole old corpus: an LM of the
+sample alone lacked 49 of the production LM's 527 lexicon words, and the retrained
+student's slot F1 on the golden set fell 1.1 points instead of 0.2."""
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +150,9 @@ def attach_lm(
     tagged = isinstance(vocab, TaggedCharVocab)
     manifests = settings.corpus_dir / "manifests"
     grammar_values = Grammar.load(settings.corpus.language).values
-    lm_text = manifests / f"{LM_TEXT_MANIFEST}.jsonl"
-    rows = read_manifest(lm_text if lm_text.exists() else manifests / "train.jsonl")
+    rows = read_manifest(manifests / "train.jsonl")
+    if (manifests / f"{LM_TEXT_MANIFEST}.jsonl").exists():
+        rows += read_manifest(manifests / f"{LM_TEXT_MANIFEST}.jsonl")
     text = lm_sentences(rows, vocab, grammar_values)
     folder = build_lm_folder(
         text, model_dir / LM_DIRNAME,
