@@ -35,3 +35,11 @@ def test_background_users_draw_new_utterances_every_round(monkeypatch: pytest.Mo
     assert len(seeds) >= 4 and len(set(seeds)) == len(seeds), seeds
     assert settings.seed not in seeds  # nor the measured runs' default seed
     assert story.figures["background_requests"] == 40 * len(seeds)
+
+
+def test_the_drift_line_claims_an_event_only_when_an_alert_was_raised() -> None:
+    raised = demo.drift_line({"alert_id": 3, "reasons": ["data drift: snr_db, level_dbfs"]})
+    assert "alert 3" in raised and "event voiceloop.drift.detected emitted" in raised
+    # a window inside an episode that is already open raises no alert and emits no event
+    quiet = demo.drift_line({"alert_id": None, "reasons": ["data drift: snr_db"]})
+    assert "emitted" not in quiet and "still open" in quiet and "snr_db" in quiet
