@@ -387,16 +387,29 @@ def _outputs(info: BatchInfo) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _exclusive(root: Path) -> Iterator[None]:
-    """One ingestion at a time per curated folder (two would race on the ledger)."""
+def _exclusive(root: Path, wait_s: float = 0.0) -> Iterator[None]:
+    """One ingestion at a time per curated folder (two would race on the ledger). A run
+    that finds another one running waits for it, up to ``wait_s`` seconds — a scheduled
+    run and one started by hand (or by a flow) often meet — and then does what is left."""
     root.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    waited = False
     with (root / _LOCK_FILE).open("w") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise RuntimeError(f"another ingestion holds {root / _LOCK_FILE}") from exc
-            raise
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"another ingestion holds {root / _LOCK_FILE} (waited "
+                                       f"{wait_s:g} s: monitoring.ingest.lock_wait_s)") from exc
+                if not waited:
+                    log.info("ingest: another ingestion is running on %s; waiting up to %g s",
+                             root, wait_s)
+                    waited = True
+                time.sleep(0.25)
         try:
             yield
         finally:
@@ -693,7 +706,8 @@ def ingest(
         The run's report, also written to ``<curated>/reports/ingest-<time>.json``.
 
     Raises:
-        RuntimeError: another ingestion is running on the same curated folder.
+        RuntimeError: another ingestion kept the same curated folder for longer than
+            ``monitoring.ingest.lock_wait_s``.
         OSError: the ledger could not be written (the run stops; a rerun redoes the
             batch whose line is missing).
     """
@@ -708,7 +722,7 @@ def ingest(
         traffic_root=str(root), curated_root=str(curated), embedding_model=predictor.version,
     )
     t0 = time.monotonic()
-    with _exclusive(curated):
+    with _exclusive(curated, cfg.lock_wait_s):
         ledger = Ledger(curated / _LEDGER)
         done = ledger.batches()
         committed = list_batches(root)

@@ -653,7 +653,8 @@ class IngestSettings(_Strict):
     utterances per forward pass. A batch failing with a transient error (``OSError``) is
     tried ``retries`` more times, ``retry_backoff_s`` seconds apart (doubling), before it
     is quarantined whole. ``dvc``: version the curated dataset with DVC after a run that
-    added data.
+    added data. ``lock_wait_s``: how long a run waits for another ingestion of the same
+    workspace to finish before it gives up.
     """
 
     min_duration_s: float = Field(0.3, ge=0)
@@ -666,6 +667,7 @@ class IngestSettings(_Strict):
     retries: int = Field(2, ge=0)
     retry_backoff_s: float = Field(1.0, ge=0)
     dvc: bool = True
+    lock_wait_s: float = Field(300.0, ge=0)
 
     @model_validator(mode="after")
     def _ranges(self) -> IngestSettings:
