@@ -36,7 +36,7 @@ system-packages:
 uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv
 
-# Bytecode is compiled once here: where PYTHONDONTWRITEBYTECODE is set (as in our CI image)
+# Bytecode is compiled once here: where PYTHONDONTWRITEBYTECODE is set (as in our dev image)
 # Python would otherwise compile every imported module from source in every process —
 # half of a 30-s CLI stage, and of each server and subprocess the tests start.
 venv: uv
