@@ -79,7 +79,6 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -444,21 +443,6 @@ def _table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
 
 
-@dataclass(frozen=True)
-class _LoadedBatch:
-    """A batch as :meth:`_BatchIngestor.load` read it: all rows, the feedback and request
-    rows apart, the request rows joined with their :data:`AUDIO_FACT_COLUMNS`, the decoded
-    audio per request row (None where it does not decode), and the seconds it took."""
-
-    info: BatchInfo
-    frame: pd.DataFrame
-    feedback: pd.DataFrame
-    requests: pd.DataFrame
-    joined: pd.DataFrame
-    waves: list[np.ndarray | None]
-    seconds: float
-
-
 class _BatchIngestor:
     """Reads, validates and featurises batches of one run (shared suite, model, values)."""
 
@@ -476,9 +460,8 @@ class _BatchIngestor:
 
     # -- a successful batch -----------------------------------------------------------
 
-    def load(self, info: BatchInfo) -> _LoadedBatch:
-        """Read one batch and its stored audio and measure the audio (everything about a
-        batch that needs neither the run's earlier batches nor the model)."""
+    def process(self, info: BatchInfo, seen: Mapping[str, str]) -> tuple[BatchOutcome, set[str]]:
+        """Ingest one batch; returns its outcome and the request ids it brought."""
         start = time.monotonic()
         frame = read_batch_frame(self.traffic_root, info)
         is_feedback = (frame["kind"] == "feedback").to_numpy()
@@ -494,16 +477,8 @@ class _BatchIngestor:
             facts.append(audio_facts(samples, rate, error, transcript))
         joined = pd.concat(
             [requests, pd.DataFrame(facts, columns=list(AUDIO_FACT_COLUMNS))], axis=1)
-        return _LoadedBatch(info, frame, feedback, requests, joined, waves,
-                            time.monotonic() - start)
+        phases = {"read": time.monotonic() - start}
 
-    def process(self, loaded: _LoadedBatch, seen: Mapping[str, str]
-                ) -> tuple[BatchOutcome, set[str]]:
-        """Validate, embed and write one loaded batch; returns its outcome and the
-        request ids it brought."""
-        info, frame, feedback = loaded.info, loaded.frame, loaded.feedback
-        requests, joined, waves = loaded.requests, loaded.joined, loaded.waves
-        phases = {"read": loaded.seconds}
         start = time.monotonic()
         validation = self.suite.validate(joined, seen)
         reasons = [list(r) for r in validation.reasons]
@@ -790,7 +765,7 @@ def _ingest_one(
     while True:
         attempts += 1
         try:
-            outcome, ids = worker.process(worker.load(info), seen)
+            outcome, ids = worker.process(info, seen)
             break
         except OSError as exc:
             if attempts <= cfg.retries:
