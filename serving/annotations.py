@@ -121,15 +121,19 @@ class AnnotationStore:
                     os.close(fd)
         return sum(len(lines) for lines in by_day.values())
 
-    def files(self) -> list[Path]:
-        """Every annotation file of the store (all runs), oldest partition first."""
+    def files(self, run_id: str | None = None) -> list[Path]:
+        """Every annotation file of the store (all runs, or only ``run_id``'s), oldest
+        partition first."""
         if not self.root.exists():
             return []
         parts = sorted(p for p in self.root.iterdir() if p.is_dir() and _PARTITION.match(p.name))
-        return [f for part in parts for f in sorted(part.glob("*.jsonl"))]
+        pattern = f"{run_id}.jsonl" if run_id is not None else "*.jsonl"
+        return [f for part in parts for f in sorted(part.glob(pattern))]
 
-    def read(self, request_ids: Iterable[str] | None = None) -> dict[str, Annotation]:
-        """Annotations of every run, by ``request_id``; only ``request_ids`` when given.
+    def read(self, request_ids: Iterable[str] | None = None, *,
+             run_id: str | None = None) -> dict[str, Annotation]:
+        """Annotations of every run (or of run ``run_id`` only), by ``request_id``; only
+        ``request_ids`` when given.
 
         A request annotated twice keeps its latest annotation (by timestamp, then by
         file order). Lines that do not parse are skipped with a warning (a crash can
@@ -137,7 +141,7 @@ class AnnotationStore:
         """
         wanted = set(request_ids) if request_ids is not None else None
         out: dict[str, Annotation] = {}
-        for path in self.files():
+        for path in self.files(run_id):
             with path.open(encoding="utf-8") as fh:
                 for lineno, line in enumerate(fh, 1):
                     if not line.strip():

@@ -141,15 +141,10 @@ def paired_scores(settings: Settings, registry: Any, run_id: str, since: datetim
     from model.evaluation.report import evaluate
     from model.inference.onnx import load_predictor
     from monitoring.canary import collect_traffic
-    from serving.contracts import Annotation
+    from serving.annotations import AnnotationStore
     from voiceloop.registry import VersionRef
 
-    labels: dict[str, Annotation] = {}
-    for path in sorted(Path(settings.annotations_root).glob(f"dt=*/{run_id}.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                a = Annotation.model_validate_json(line)
-                labels[a.request_id] = a
+    labels = AnnotationStore(settings.annotations_root).read(run_id=run_id)
     frame = collect_traffic(settings.traffic_root, since)
     frame = frame[(frame["kind"] == "request") & frame["request_id"].isin(labels)]
     rows = [labels[rid].manifest_row(str(Path(settings.traffic_root) / audio), duration)

@@ -367,6 +367,8 @@ def test_annotation_store_appends_partitions_and_reads(tmp_path: Path,
     assert set(got) == {"r1", "r2", "r3"}
     assert got["r1"].intent == "HassTurnOff"  # the latest annotation wins
     assert set(AnnotationStore(root).read(["r2", "nope"])) == {"r2"}
+    assert set(AnnotationStore(root).read(run_id="run-2")) == {"r3"}  # one run's only
+    assert [f.name for f in AnnotationStore(root).files("run-2")] == ["run-2.jsonl"]
     # a crash mid-line leaves a truncated last line: skipped with a warning
     with store.path_for("2026-01-02").open("a", encoding="utf-8") as fh:
         fh.write('{"request_id": "r9", "transc')
