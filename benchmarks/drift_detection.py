@@ -62,7 +62,6 @@ Prints a table and writes ``benchmarks/results/drift_detection.json`` (``--quick
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
@@ -103,7 +102,7 @@ from monitoring.performance import estimate_performance
 from monitoring.reference import build_reference
 from monitoring.schema import EMBEDDING_PREFIX, SIGNAL_FEATURES
 from serving.contracts import TrafficRecord
-from serving.scenarios import RenderFailure, SimUtterance, load_scenario, render_utterances
+from serving.scenarios import SimUtterance, render_successes
 from serving.traffic import TrafficWriter
 from voiceloop.settings import DriftSettings, Settings, TrafficSettings, load_settings
 
@@ -283,18 +282,9 @@ def render_pool(settings: Settings, pool: str, scenario: str, count: int, seed: 
     if path is not None and (hit := _load_rendered(path, pool, scenario, count)) is not None:
         return hit
     t0 = time.perf_counter()
-    items: list[SimUtterance] = []
-    failures = 0
     rir_cache = (cache or Path(tempfile.gettempdir()) / "voiceloop_bench") / "rir"
-    with contextlib.closing(render_utterances(
-            settings, load_scenario(settings, scenario), count=count, seed=seed,
-            cache_dir=rir_cache.parent, workers=workers,
-            babble_utterances=settings.simulator.babble_utterances)) as stream:
-        for item in stream:
-            if isinstance(item, RenderFailure):
-                failures += 1
-            else:
-                items.append(item)
+    items, failures = render_successes(settings, scenario, count=count, seed=seed,
+                                       cache_dir=rir_cache.parent, workers=workers)
     log.info("rendered %s (%s, seed %d): %d utterances, %d failed, %.0f s", pool, scenario,
              seed, len(items), failures, time.perf_counter() - t0)
     if path is not None:

@@ -41,7 +41,6 @@ Prints a table and writes ``benchmarks/results/loop_efficacy.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -66,7 +65,7 @@ from monitoring.ingest import ingest
 from monitoring.reference import build_reference
 from serving.annotations import AnnotationStore
 from serving.contracts import Annotation, TrafficRecord
-from serving.scenarios import RenderFailure, SimUtterance, load_scenario, render_utterances
+from serving.scenarios import render_successes
 from serving.traffic import TrafficWriter
 from voiceloop.settings import Settings, TrafficSettings, load_settings
 
@@ -94,20 +93,11 @@ def render(settings: Settings, scenario: str, count: int, seed: int, folder: Pat
     ``folder`` and manifest rows (split ``test``) pointing at them; cached: a folder that
     already holds the manifest is read back."""
     manifest = folder / "rows.jsonl"
-    items: list[SimUtterance] = []
     if not manifest.exists():
         folder.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        with contextlib.closing(render_utterances(
-                settings, load_scenario(settings, scenario), count=count, seed=seed,
-                cache_dir=folder.parent, workers=workers,
-                babble_utterances=settings.simulator.babble_utterances)) as stream:
-            for item in stream:
-                if isinstance(item, RenderFailure):
-                    continue
-                items.append(item)
-                if len(items) % 100 == 0:
-                    log.info("  rendered %d/%d %s", len(items), count, scenario)
+        items, _ = render_successes(settings, scenario, count=count, seed=seed,
+                                    cache_dir=folder.parent, workers=workers, log_every=100)
         rows = []
         for u in items:
             path = folder / f"{u.id}.wav"

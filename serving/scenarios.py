@@ -30,6 +30,7 @@ or is closed.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -73,6 +74,7 @@ __all__ = [
     "SimUtterance",
     "load_scenario",
     "load_scenarios",
+    "render_successes",
     "render_utterances",
 ]
 
@@ -661,6 +663,30 @@ def render_utterances(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(babble_dir, ignore_errors=True)
+
+
+def render_successes(
+    settings: Settings, scenario: str, *, count: int, seed: int, cache_dir: Path,
+    workers: int = 1, log_every: int = 0,
+) -> tuple[list[SimUtterance], int]:
+    """A whole run of ``scenario`` (:func:`render_utterances`, babble from
+    ``simulator.babble_utterances``) for callers that need it all at once — benchmarks and
+    tests: the utterances that rendered, in index order, and how many failed. With
+    ``log_every``, an info line every that many rendered utterances."""
+    items: list[SimUtterance] = []
+    failures = 0
+    with contextlib.closing(render_utterances(
+            settings, load_scenario(settings, scenario), count=count, seed=seed,
+            cache_dir=cache_dir, workers=workers,
+            babble_utterances=settings.simulator.babble_utterances)) as stream:
+        for item in stream:
+            if isinstance(item, RenderFailure):
+                failures += 1
+                continue
+            items.append(item)
+            if log_every and len(items) % log_every == 0:
+                log.info("  rendered %d/%d %s", len(items), count, scenario)
+    return items, failures
 
 
 @dataclass

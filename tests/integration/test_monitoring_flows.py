@@ -51,7 +51,7 @@ from monitoring.drift import ReferenceStore, calibrate_thresholds, sample_window
 from monitoring.ingest import curated_root
 from monitoring.reference import load_window
 from serving.contracts import TrafficRecord
-from serving.scenarios import RenderFailure, load_scenario, render_utterances
+from serving.scenarios import render_successes
 from serving.service import build_app
 from serving.simulator import simulate
 from serving.traffic import TrafficWriter
@@ -129,18 +129,15 @@ def _write_validation_split(settings: Settings, count: int) -> None:
     audio_dir = settings.corpus_dir / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    with contextlib.closing(render_utterances(
-            settings, load_scenario(settings, "baseline"), count=count,
-            seed=SEEDS["reference"], cache_dir=settings.simulations_dir)) as stream:
-        for u in stream:
-            if isinstance(u, RenderFailure):
-                continue
-            sf.write(audio_dir / f"{u.id}.wav", u.audio, u.sample_rate, subtype="PCM_16")
-            rows.append(ManifestRow(
-                id=u.id, audio=f"../audio/{u.id}.wav", duration_s=u.duration_s,
-                transcript=u.transcript, intent=u.intent, slots=list(u.slots), engine=u.engine,
-                voice=u.voice, split="valid", template_id=u.template_id, domain=u.domain,
-                rate=u.rate))
+    rendered, _ = render_successes(settings, "baseline", count=count, seed=SEEDS["reference"],
+                                   cache_dir=settings.simulations_dir)
+    for u in rendered:
+        sf.write(audio_dir / f"{u.id}.wav", u.audio, u.sample_rate, subtype="PCM_16")
+        rows.append(ManifestRow(
+            id=u.id, audio=f"../audio/{u.id}.wav", duration_s=u.duration_s,
+            transcript=u.transcript, intent=u.intent, slots=list(u.slots), engine=u.engine,
+            voice=u.voice, split="valid", template_id=u.template_id, domain=u.domain,
+            rate=u.rate))
     write_manifest(settings.corpus_dir / "manifests" / "valid.jsonl", rows)
 
 
