@@ -11,7 +11,9 @@ export DO_NOT_TRACK := 1
 SYSTEM_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k sox libsndfile1 git chromium chromium-driver
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PROFILE ?= quick
-PYTEST_ARGS ?=
+# The suite runs in one pytest-xdist worker per core (tests/conftest.py: one thread per
+# worker, one group per test module); PYTEST_ARGS= (empty) runs it in one process.
+PYTEST_ARGS ?= -n auto --dist loadgroup
 
 .PHONY: demo pipeline test setup system-packages uv venv lint clean-workspace
 

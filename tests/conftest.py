@@ -1,10 +1,33 @@
-"""Fixtures shared across test kinds."""
+"""Fixtures shared across test kinds, and the parallel run's rules.
+
+``make test`` runs the suite in pytest-xdist workers (``-n auto --dist loadgroup``). Each
+worker gets ``OMP_NUM_THREADS=1`` before torch is imported — set here, at the first
+import in the worker, so the DVC stages, servers and CLI subprocesses it starts inherit it
+too (``model.training.fit.capped_threads`` lowers the profiles' ``threads`` to it): two
+processes spinning 2 OpenMP threads each on 2 cores slow each other tenfold. Each test
+module is one xdist group (its module fixtures are built once), and the e2e modules are
+one group together (they share the session's tiny corpus and teacher).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
+
+_E2E = Path(__file__).parent / "e2e"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(item.path)
+        group = "e2e" if _E2E in path.parents else path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import csv
 import json
 import logging
 import math
+import os
 import random
 import time
 from abc import ABC, abstractmethod
@@ -91,6 +92,26 @@ class Tracker(Protocol):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None: ...
+
+
+def capped_threads(requested: int) -> int:
+    """The intra-op thread count a run should use: ``requested`` (``train.threads``),
+    lowered to ``$OMP_NUM_THREADS`` when that is set. The variable is the usual way a
+    container or a scheduler tells a process its share of the cores; two processes that
+    each spin 2 OpenMP threads on 2 cores slow each other by an order of magnitude (the
+    parallel test suite sets it to 1 per worker).
+
+    Raises:
+        ValueError: ``requested`` below 1, or ``$OMP_NUM_THREADS`` not a positive integer.
+    """
+    if requested < 1:
+        raise ValueError(f"requested threads must be >= 1, got {requested}")
+    raw = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if not raw:
+        return requested
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"OMP_NUM_THREADS must be a positive integer, got {raw!r}")
+    return min(requested, int(raw))
 
 
 @dataclass(frozen=True)

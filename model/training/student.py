@@ -51,6 +51,7 @@ from model.training.fit import (
     Tracker,
     Validator,
     build_model,
+    capped_threads,
     finalise_package,
     fit,
     resolve_bf16,
@@ -417,7 +418,7 @@ def train_student(
     """
     st = settings.student
     ts, ds = st.train, st.distill
-    torch.set_num_threads(ts.threads)
+    torch.set_num_threads(capped_threads(ts.threads))
     seed_everything(settings.seed)
     layout = StudentLayout(out_dir or settings.models_dir / "student")
     layout.root.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ from model.training.fit import (
     build_ctc_vocab,
     build_model,
     build_vocab,
+    capped_threads,
     finalise_package,
     fit,
     resolve_bf16,
@@ -188,7 +189,7 @@ def train_teacher(
             is not used). Its weights are ignored when resuming a checkpoint.
     """
     ts = settings.train
-    torch.set_num_threads(ts.threads)
+    torch.set_num_threads(capped_threads(ts.threads))
     seed_everything(settings.seed)
     layout = RunLayout(out_dir or settings.models_dir / "teacher")
     layout.root.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.training.fit import capped_threads
 from voiceloop.settings import Settings, load_settings
 from voiceloop.stages import corpus_stage, train_stage
 
@@ -19,7 +20,7 @@ from voiceloop.stages import corpus_stage, train_stage
 def tiny_teacher_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workspace with the tiny corpus and a tiny teacher trained and tracked in MLflow
     (its run and the ``<model>-teacher@current`` version in the workspace's registry)."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(capped_threads(2))
     settings = load_settings(profile="tiny", workspace=tmp_path_factory.mktemp("tiny-base"))
     corpus_stage(settings, progress=False)
     result = train_stage(settings, progress=False).result

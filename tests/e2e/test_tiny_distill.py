@@ -26,6 +26,7 @@ from model.frontend.features import FeatureExtractor
 from model.inference.batch import SLUPredictor
 from model.inference.streaming import StreamingRecognizer
 from model.nn.package import has_lm, load_package
+from model.training.fit import capped_threads
 from model.training.student import StudentLayout, train_student
 from voiceloop.settings import Settings
 from voiceloop.stages import DistillOutcome, distill_stage, predict_stage
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def distilled(tiny_workspace: Callable[[str], Settings]) -> tuple[Settings, DistillOutcome]:
-    torch.set_num_threads(2)
+    torch.set_num_threads(capped_threads(2))
     settings = tiny_workspace("distill")
     return settings, distill_stage(settings, progress=False)
 

@@ -25,6 +25,7 @@ from flows.promote import promote_flow
 from flows.retrain import retrain_flow
 from model.data.corpus import CorpusLayout
 from model.data.manifest import read_manifest
+from model.training.fit import capped_threads
 from model.training.lm_stage import LM_TEXT_MANIFEST
 from serving.service import build_app
 from serving.simulator import simulate
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.e2e
 def loop(tiny_workspace: Callable[[str], Settings], prefect_harness: None
          ) -> tuple[Settings, Path]:
     """Tiny corpus, teacher and student; the student seeded as production with its lineage."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(capped_threads(2))
     settings = tiny_workspace("loop")
     ws = settings.workspace
     distill_stage(settings, progress=False, track=False)

@@ -20,7 +20,7 @@ from model.data.corpus import CorpusLayout
 from model.frontend.cache import load_split
 from model.inference.batch import SLUPredictor
 from model.nn.package import has_lm, load_package
-from model.training.fit import RunLayout
+from model.training.fit import RunLayout, capped_threads
 from voiceloop.settings import Settings
 from voiceloop.stages import evaluate_stage, predict_stage, train_stage
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def trained(tiny_workspace: Callable[[str], Settings]) -> tuple[Settings, Path]:
-    torch.set_num_threads(2)
+    torch.set_num_threads(capped_threads(2))
     settings = tiny_workspace("pipeline")
     return settings, settings.models_dir / "teacher" / "model"
 
