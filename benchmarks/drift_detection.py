@@ -18,9 +18,10 @@ What runs, and how it stands in for production:
   that corpus is not there (a fresh clone), baseline utterances rendered with their own
   seed stand in for it (the JSON records which).
 - **Thresholds.** :func:`monitoring.drift.calibrate_thresholds` on ``--calibration-windows``
-  windows drawn from a *calibration pool* of baseline traffic (its own seed, so no sample
-  of it is judged later; windows inside the pool overlap when the pool is smaller than
-  windows × size). Nothing judged below took part in the calibration.
+  windows of consecutive rows (:func:`monitoring.drift.consecutive_windows`) of a
+  *calibration pool* of baseline traffic (its own seed, so no sample of it is judged
+  later; windows overlap when the pool is smaller than windows × size). Nothing judged
+  below took part in the calibration.
 - **Detection delay.** Per scenario, a stream of ``--prefix`` baseline samples (a pool of
   its own) followed by ``--post`` samples of the scenario from the onset. Sliding windows
   of ``--window`` rows every ``--step`` rows are judged with the calibrated thresholds
@@ -92,9 +93,9 @@ from monitoring.drift import (
     SignalKind,
     Thresholds,
     calibrate_thresholds,
+    consecutive_windows,
     decide_drift,
     detect_drift,
-    sample_windows,
     signal_scores,
 )
 from monitoring.ingest import IngestReport, curated_root, ingest
@@ -459,9 +460,10 @@ def window_settings(base: DriftSettings, window: int) -> DriftSettings:
 
 def calibrate(reference: pd.DataFrame, pool: pd.DataFrame, settings: DriftSettings,
               windows: int, seed: int) -> Thresholds:
-    """Thresholds from ``windows`` windows of ``settings.window_rows`` rows of the
-    baseline ``pool`` (held apart from everything judged)."""
-    drawn = sample_windows(pool, settings.window_rows, windows, seed=seed)
+    """Thresholds from ``windows`` windows of ``settings.window_rows`` consecutive rows
+    of the baseline ``pool`` (in arrival order, held apart from everything judged), as
+    the monitor judges windows of consecutive traffic."""
+    drawn = consecutive_windows(pool, settings.window_rows, windows)
     return calibrate_thresholds(reference, drawn, settings, seed=seed)
 
 

@@ -266,7 +266,7 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
     from flows.ingest import ingest_flow
     from flows.monitor import monitor_flow, reference_task
     from flows.retrain import retrain_flow
-    from monitoring.drift import ReferenceStore, calibrate_thresholds, sample_windows
+    from monitoring.drift import ReferenceStore, calibrate_thresholds, consecutive_windows
     from monitoring.ingest import curated_root
     from monitoring.reference import load_window
     from serving.simulator import simulate
@@ -342,7 +342,7 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
         store = ReferenceStore.for_workspace(ws)
         pool = load_window(curated_root(settings), target.version, 100_000)
         drift_settings = settings.monitoring.drift
-        windows = sample_windows(pool, drift_settings.window_rows, 20, seed=settings.seed)
+        windows = consecutive_windows(pool, drift_settings.window_rows, 20)
         thresholds = calibrate_thresholds(reference, windows, drift_settings,
                                           seed=settings.seed)
         store.save_thresholds(target.version, thresholds)
