@@ -13,8 +13,10 @@ What runs:
    did nothing but run the model. Measured before the load and again after it (the two
    series are pooled), so a change in background load shows up as a spread.
 3. **Server**: ``python -m voiceloop.cli serve --model BUNDLE --host 127.0.0.1 --port P
-   --workspace TMP --quiet`` as a separate process (traffic logging on, into
-   ``TMP/traffic``), ready when ``/readyz`` answers 200.
+   --workspace TMP --quiet --processes N --set serving.max_batch=B`` as a separate process
+   (traffic logging on, into ``TMP/traffic``; ``--processes`` / ``--max-batch`` default to
+   ``serving.processes`` / ``serving.max_batch``), ready when ``/readyz`` answers 200. Its
+   CPU time is that of the whole process tree (the worker processes included).
 4. **Load**: for each ``--levels`` N, N closed-loop clients (one keep-alive connection
    each, a minimal HTTP/1.1 client on asyncio so that the load generator, which shares
    the machine's cores with the server, costs as little CPU as possible) send
@@ -216,9 +218,20 @@ def _machine_busy() -> float:
 
 
 def _proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process and its descendants (the worker processes
+    of a multi-process server), all their threads, and of its reaped children."""
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+    tree, grew = {pid}, True
+    while grew:  # descendants: processes whose parent (field 4 → index 1) is in the tree
+        more = {p for p, f in stats.items() if int(f[1]) in tree} - tree
+        tree |= more
+        grew = bool(more)
+    ticks = sum(int(stats[p][11]) + int(stats[p][12]) for p in tree if p in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 # -- the clients ---------------------------------------------------------------------------
@@ -381,7 +394,8 @@ def _table(result: dict[str, Any]) -> str:
         (f"ceiling: {c['cores']} cores ÷ {c['cpu_ms_median']:.2f} ms CPU per prediction "
          f"(median of {c['runs']}; before {c['cpu_ms_median_before']:.2f}, after "
          f"{c['cpu_ms_median_after']:.2f}) = {c['ceiling_rps']:.1f} req/s"),
-        (f"server: {srv['workers']} inference threads, model_threads {srv['model_threads']}, "
+        (f"server: {srv['processes']} processes × {srv['workers']} inference threads, "
+         f"batches of up to {srv['max_batch']}, model_threads {srv['model_threads']}, "
          f"loop {srv['loop']}, http {srv['http']}; load average at start "
          f"{result['machine']['loadavg_start']}, end {result['machine']['loadavg_end']}"),
         "",
@@ -451,6 +465,7 @@ def _installed(module: str) -> bool:
 
 
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    from serving.service import server_processes
     from serving.traffic import list_batches, read_batch
     from voiceloop.settings import load_settings
 
@@ -467,13 +482,17 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     workspace = tmp / "workspace"
     settings = load_settings(None, args.profile, workspace)
-    workers = args.workers or settings.serving.workers or os.cpu_count() or 1
+    workers = (args.workers or settings.serving.workers
+               or max(1, (os.cpu_count() or 1) // server_processes(settings, args.processes)))
     port = _free_port()
     cmd = [sys.executable, "-m", "voiceloop.cli", "serve", "--model", str(bundle),
            "--host", "127.0.0.1", "--port", str(port), "--workspace", str(workspace),
            "--profile", args.profile, "--quiet"]
     if args.workers:
         cmd += ["--workers", str(args.workers)]
+    processes = server_processes(settings, args.processes)
+    max_batch = settings.serving.max_batch if args.max_batch is None else args.max_batch
+    cmd += ["--processes", str(processes), "--set", f"serving.max_batch={max_batch}"]
     log_path = tmp / "server.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
@@ -555,7 +574,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                   "timeout_s": args.timeout, "client": "asyncio raw HTTP/1.1, one keep-alive "
                   "connection per client, closed loop", "loopback": True},
         "server": {"command": " ".join(cmd[1:]), "workers": workers,
-                   "model_threads": settings.serving.model_threads, "processes": 1,
+                   "model_threads": settings.serving.model_threads,
+                   "processes": processes, "max_batch": max_batch,
                    "loop": "uvloop" if _installed("uvloop") else "asyncio",
                    "http": "httptools" if _installed("httptools") else "h11",
                    "traffic": {"root": "TMP/workspace/traffic",
@@ -606,7 +626,13 @@ def main() -> None:
     parser.add_argument("--utterances", type=int, default=64)
     parser.add_argument("--ceiling-runs", type=int, default=100)
     parser.add_argument("--workers", type=int, default=0,
-                        help="inference threads of the server (default: serving.workers)")
+                        help="inference threads per server process (default: serving.workers)")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="server processes sharing the port (default serving.processes; "
+                             "0 = one per core)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="requests waiting together run as one model call of up to this "
+                             "many (default serving.max_batch)")
     parser.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
     parser.add_argument("--start-timeout", type=float, default=180.0)
     parser.add_argument("--seed", type=int, default=0)

@@ -21,8 +21,10 @@ Errors are ``{"error": {"code", "message"}}`` with a 4xx status for bad input (s
 ``serving.audio_input``); the byte cap is enforced from ``Content-Length`` before the
 body is read, and again while it streams. Everything CPU-bound about a request (decoding
 and checking the audio, the model, quantising the audio for the traffic store) runs in
-one hop on a pool of ``workers`` inference threads, each borrowing a predictor of its
-own; the event loop only moves bytes, parses and routes. (ONNX Runtime and torch release
+one hop on a pool of inference threads; the model runs on ``workers`` predictors, in
+batches of up to ``serving.max_batch`` requests that waited together
+(:meth:`serving.models.PredictorPool.predict`); the event loop only moves bytes, parses
+and routes. (ONNX Runtime and torch release
 the GIL; the LM beam search does not, so Python work on the event loop competes with
 it: keep the loop's share small.)
 """
@@ -84,10 +86,17 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25
 
 
 class _Metrics:
-    """The service's Prometheus metrics, in a registry of its own (one app, one set)."""
+    """The service's Prometheus metrics, in a registry of its own (one app, one set).
+
+    With ``$PROMETHEUS_MULTIPROC_DIR`` set (several server processes, see
+    :mod:`serving.service`) every process writes its values to files there and
+    ``/metrics`` — whichever process answers — reports them summed over the live
+    processes (counters, histograms, queue depths, traffic counts) or as their maximum
+    (canary share, loaded models)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         r = self.registry
         self.requests = Counter("voiceloop_requests", "Understand requests answered",
                                 ["route", "model_version", "status"], registry=r)
@@ -97,24 +106,52 @@ class _Metrics:
                                  "Server-side time to answer an understand request",
                                  ["route", "model_version"], buckets=_LATENCY_BUCKETS, registry=r)
         self.inflight = Gauge("voiceloop_inference_queue_depth",
-                              "Requests waiting for or running inference", registry=r)
+                              "Requests waiting for or running inference", registry=r,
+                              multiprocess_mode="livesum")
         self.feedback = Counter("voiceloop_feedback", "Feedback received", ["kind"], registry=r)
         self.logged = Gauge("voiceloop_traffic_logged", "Requests in committed traffic batches",
-                            registry=r)
+                            registry=r, multiprocess_mode="livesum")
         self.dropped = Gauge("voiceloop_traffic_dropped",
-                             "Requests not logged because the traffic queue was full", registry=r)
+                             "Requests not logged because the traffic queue was full", registry=r,
+                             multiprocess_mode="livesum")
         self.traffic_queue = Gauge("voiceloop_traffic_queue_depth",
-                                   "Records waiting for the traffic writer", registry=r)
-        self.share = Gauge("voiceloop_canary_share_percent", "Canary share of traffic", registry=r)
+                                   "Records waiting for the traffic writer", registry=r,
+                                   multiprocess_mode="livesum")
+        self.share = Gauge("voiceloop_canary_share_percent", "Canary share of traffic", registry=r,
+                           multiprocess_mode="livemax")
         self.model = Gauge("voiceloop_model_info", "Loaded models (value 1)",
-                           ["route", "model_version", "registry_version"], registry=r)
+                           ["route", "model_version", "registry_version"], registry=r,
+                           multiprocess_mode="livemax")
+        self._model_labels: set[tuple[str, str, str]] = set()
 
     def models_changed(self, models: ModelSet) -> None:
         self.share.set(models.share)
-        self.model.clear()
-        for route, m in (("production", models.production), ("canary", models.canary)):
-            if m is not None:
-                self.model.labels(route, m.version, m.registry_version or "").set(1)
+        now = {(route, m.version, m.registry_version or "")
+               for route, m in (("production", models.production), ("canary", models.canary))
+               if m is not None}
+        # Set to 0, not removed: a multiprocess gauge's value lives on in its file.
+        for labels in self._model_labels - now:
+            self.model.labels(*labels).set(0)
+        for labels in now:
+            self.model.labels(*labels).set(1)
+        self._model_labels = now
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus text format (of all processes in multiprocess mode)."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
+
+    def process_exit(self) -> None:
+        """Forget this process's live gauges (multiprocess mode)."""
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())
 
 
 @dataclass(frozen=True)
@@ -191,10 +228,27 @@ async def _audio_bytes(request: Request, cap: int) -> bytes:
 def create_app(state: ServiceState) -> FastAPI:
     """The FastAPI app over ``state`` (its model source is started with the app)."""
     metrics = _Metrics()
-    pool = ThreadPoolExecutor(max_workers=state.workers, thread_name_prefix="inference")
+    # Enough threads to hold a full batch per predictor waiting (each thread decodes its
+    # upload, then waits in PredictorPool.predict while a batch runs).
+    pool = ThreadPoolExecutor(max_workers=state.workers * state.settings.max_batch,
+                              thread_name_prefix="inference")
     rng = random.Random()
     admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
     s = state.settings
+
+    def traffic_gauges() -> None:
+        if state.traffic is not None:
+            stats = state.traffic.stats()
+            metrics.logged.set(stats.logged)
+            metrics.dropped.set(stats.dropped)
+            metrics.traffic_queue.set(stats.queue_depth)
+
+    async def refresh_traffic_gauges() -> None:
+        # Several processes: /metrics is answered by one of them, so each keeps its own
+        # traffic counts current in the shared files.
+        while True:
+            await asyncio.sleep(1.0)
+            traffic_gauges()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -206,11 +260,16 @@ def create_app(state: ServiceState) -> FastAPI:
         metrics.models_changed(state.models.current)
         if state.traffic is not None:
             state.traffic.start()
+        refresher = (asyncio.create_task(refresh_traffic_gauges())
+                     if metrics.multiprocess and state.traffic is not None else None)
         yield
+        if refresher is not None:
+            refresher.cancel()
         state.models.stop()
         pool.shutdown(wait=True)
         if state.traffic is not None:
             state.traffic.close(timeout=30)
+        metrics.process_exit()
 
     app = FastAPI(title="voiceloop", version="1", lifespan=lifespan,
                   description="Spoken-command understanding: audio in; transcript, intent, "
@@ -253,8 +312,7 @@ def create_app(state: ServiceState) -> FastAPI:
                 raise AudioRejected(400, "audio_too_short",
                                     f"{audio.duration_s * 1000:.0f} ms of audio is too short "
                                     "to understand")
-            with model.pool.borrow() as predictor:
-                prediction = predictor.predict_waveforms([request_id], [resampled], [rate])[0]
+            prediction = model.pool.predict(request_id, resampled, rate)
             if prediction.error:
                 raise AudioRejected(400, "unusable_audio", prediction.error)
         pcm = pcm16(audio.samples) if state.traffic is not None else None
@@ -327,13 +385,8 @@ def create_app(state: ServiceState) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        if state.traffic is not None:
-            stats = state.traffic.stats()
-            metrics.logged.set(stats.logged)
-            metrics.dropped.set(stats.dropped)
-            metrics.traffic_queue.set(stats.queue_depth)
-        return PlainTextResponse(generate_latest(metrics.registry),
-                                 media_type=CONTENT_TYPE_LATEST)
+        traffic_gauges()
+        return PlainTextResponse(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     if admin_token is not None:
         def _authorised(request: Request) -> JSONResponse | None:

@@ -13,23 +13,26 @@ version *before* it is swapped in. :class:`FixedModel` serves one model folder (
 ``voiceloop predict`` takes), no canary.
 
 Each model version is a :class:`PredictorPool` of ``workers`` predictors: the lexicon
-beam search keeps state while it decodes, so each inference thread borrows a predictor of
-its own.
+beam search keeps state while it decodes, so a batch runs on a predictor of its own;
+under load, requests waiting together run as one batch (``serving.max_batch``).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from model.inference.batch import BatchPredictor
 from model.inference.onnx import load_predictor
+from model.inference.prediction import Prediction
 from serving.contracts import Route
 from voiceloop.registry import Registry, VersionRef
 
@@ -40,30 +43,109 @@ log = logging.getLogger(__name__)
 PredictorFactory = Callable[[Path], BatchPredictor]
 
 
-class PredictorPool:
-    """``size`` predictors of one model folder; :meth:`borrow` lends one to a thread."""
+@dataclass
+class _Job:
+    """One waveform waiting for a prediction."""
 
-    def __init__(self, folder: Path, size: int, factory: PredictorFactory) -> None:
+    request_id: str
+    waveform: np.ndarray
+    rate: int
+    done: bool = False
+    result: Prediction | None = None
+    error: BaseException | None = None
+
+
+class PredictorPool:
+    """``size`` predictors of one model folder.
+
+    :meth:`predict` answers one waveform and batches under load: callers queue their
+    job, and a caller that finds a predictor free takes up to ``max_batch`` queued jobs
+    (oldest first, its own among them or not) and runs them as one batch, then hands
+    each result to its caller. Alone, a job runs at once as a batch of one (no waiting
+    for batch-mates); under load, jobs that arrived while the predictors were busy run
+    together — fewer, larger model calls (the released student: 12.2 → 9.2 ms of CPU
+    per 3-s utterance at batches of 8). The price: an int8 model quantises each
+    activation tensor with one scale over the batch, so an answer can differ slightly
+    with its batch-mates (``max_batch: 1`` keeps every answer independent of others).
+    :meth:`borrow` lends a whole predictor instead.
+    """
+
+    def __init__(self, folder: Path, size: int, factory: PredictorFactory,
+                 max_batch: int = 1) -> None:
         if size < 1:
             raise ValueError(f"a predictor pool needs at least one predictor, got {size}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.folder = folder
-        self._free: queue.SimpleQueue[BatchPredictor] = queue.SimpleQueue()
+        self.max_batch = max_batch
+        self._cond = threading.Condition()
+        self._idle: list[BatchPredictor] = []
+        self._pending: deque[_Job] = deque()
         first = factory(folder)
         self.version = first.version
         self.min_samples = first.min_samples
         self.sample_rate = first.feature_config.sample_rate
-        self._free.put(first)
+        self._idle.append(first)
         for _ in range(size - 1):
-            self._free.put(factory(folder))
+            self._idle.append(factory(folder))
 
     @contextmanager
     def borrow(self) -> Iterator[BatchPredictor]:
         """A predictor for the caller's exclusive use while the block runs."""
-        predictor = self._free.get()
+        with self._cond:
+            while not self._idle:
+                self._cond.wait()
+            predictor = self._idle.pop()
         try:
             yield predictor
         finally:
-            self._free.put(predictor)
+            with self._cond:
+                self._idle.append(predictor)
+                self._cond.notify_all()
+
+    def predict(self, request_id: str, waveform: np.ndarray, rate: int) -> Prediction:
+        """The prediction for one mono float32 ``waveform`` ``(N,)`` at ``rate`` Hz (the
+        model's rate), batched with other callers' under load (see the class docstring).
+
+        Raises:
+            Exception: whatever the predictor raised for the batch this job ran in.
+        """
+        job = _Job(request_id, waveform, rate)
+        with self._cond:
+            self._pending.append(job)
+            while not job.done:
+                if self._idle and self._pending:
+                    predictor = self._idle.pop()
+                    batch = [self._pending.popleft()
+                             for _ in range(min(self.max_batch, len(self._pending)))]
+                    self._cond.release()
+                    try:
+                        self._run(predictor, batch)
+                    finally:
+                        self._cond.acquire()
+                        self._idle.append(predictor)
+                        for done in batch:
+                            done.done = True
+                        self._cond.notify_all()
+                else:
+                    self._cond.wait()
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    @staticmethod
+    def _run(predictor: BatchPredictor, batch: list[_Job]) -> None:
+        try:
+            results = predictor.predict_waveforms([j.request_id for j in batch],
+                                                  [j.waveform for j in batch],
+                                                  [j.rate for j in batch])
+        except BaseException as exc:  # noqa: BLE001 - each caller re-raises it
+            for j in batch:
+                j.error = exc
+            return
+        for j, result in zip(batch, results, strict=True):
+            j.result = result
 
 
 @dataclass(frozen=True)
@@ -142,13 +224,15 @@ class ModelSource:
 class FixedModel(ModelSource):
     """One model folder (torch package, deploy bundle or pyfunc folder), no canary."""
 
-    def __init__(self, folder: Path, workers: int, factory: PredictorFactory) -> None:
+    def __init__(self, folder: Path, workers: int, factory: PredictorFactory,
+                 max_batch: int = 1) -> None:
         super().__init__()
-        self.folder, self.workers, self.factory = folder, workers, factory
+        self.folder, self.workers, self.factory, self.max_batch = (
+            folder, workers, factory, max_batch)
 
     def start(self) -> None:
-        self._publish(ModelSet(ServedModel(PredictorPool(self.folder, self.workers, self.factory),
-                                           None)))
+        self._publish(ModelSet(ServedModel(
+            PredictorPool(self.folder, self.workers, self.factory, self.max_batch), None)))
 
 
 class RegistryModels(ModelSource):
@@ -159,10 +243,11 @@ class RegistryModels(ModelSource):
     """
 
     def __init__(self, registry: Registry, workers: int, poll_seconds: float,
-                 factory: PredictorFactory) -> None:
+                 factory: PredictorFactory, max_batch: int = 1) -> None:
         super().__init__()
         self.registry, self.workers, self.poll_seconds, self.factory = (
             registry, workers, poll_seconds, factory)
+        self.max_batch = max_batch
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -200,7 +285,7 @@ class RegistryModels(ModelSource):
             folder = self.registry.model_folder(ref)
             log.info("loading %s version %s from %s", ref.name, ref.version, folder)
             self._loaded[ref.version] = ServedModel(
-                PredictorPool(folder, self.workers, self.factory), ref.version)
+                PredictorPool(folder, self.workers, self.factory, self.max_batch), ref.version)
         return self._loaded[ref.version]
 
     def refresh(self) -> ModelSet:
@@ -226,10 +311,11 @@ class RegistryModels(ModelSource):
             return models
 
 
-def default_factory(model_threads: int) -> PredictorFactory:
-    """Predictors for a folder, one request at a time, ``model_threads`` ORT threads."""
+def default_factory(model_threads: int, max_batch: int = 1) -> PredictorFactory:
+    """Predictors for a folder: batches of up to ``max_batch`` requests,
+    ``model_threads`` ORT threads."""
 
     def factory(folder: Path) -> BatchPredictor:
-        return load_predictor(folder, batch_size=1, threads=model_threads)
+        return load_predictor(folder, batch_size=max_batch, threads=model_threads)
 
     return factory

@@ -408,10 +408,18 @@ def serve(
         help="Log requests (audio + answers) to the traffic store "
              "(serving.traffic; WORKSPACE/traffic by default).")] = True,
     workers: Annotated[int | None, typer.Option(
-        help="Inference threads (default serving.workers; 0 = one per core).")] = None,
+        help="Inference threads per process (default serving.workers; 0 = the cores "
+             "divided among the processes).")] = None,
+    processes: Annotated[int | None, typer.Option(
+        help="Server processes sharing the port (default serving.processes; 0 = one per "
+             "core). The LM beam search holds Python's GIL: one process keeps about 1.2 "
+             "cores busy. Prometheus metrics are summed over the processes; a canary "
+             "share set through /admin reaches the other processes at their next "
+             "registry poll.")] = None,
     profile: ProfileOpt = None,
     params: ParamsOpt = None,
     workspace: WorkspaceOpt = None,
+    overrides: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run the HTTP inference service (FastAPI + uvicorn).
@@ -423,13 +431,11 @@ def serve(
     $VOICELOOP_ADMIN_TOKEN` (disabled when the variable is unset). Aliases and the canary
     share (a tag on the registered model) are re-read every `serving.poll_seconds`.
     """
-    import uvicorn
-
-    from serving.service import build_app
+    from serving.service import ServeSpec, run_server, server_processes
     from voiceloop.tracking import resolve_model_uri
 
     _setup_logging(quiet)
-    settings = load_settings(params, profile, workspace)
+    settings = load_settings(params, profile, workspace, overrides or ())
     folder = resolve_model_uri(model, settings) if model else None
     if folder is None:
         from voiceloop.stages import seed_production
@@ -442,10 +448,13 @@ def serve(
         except FileNotFoundError as exc:
             typer.secho(f"{exc}; starting unready (/readyz 503) until a production alias "
                         "appears", fg=typer.colors.YELLOW, err=True)
-    application = build_app(settings, folder, log_traffic, workers)
-    uvicorn.run(application, host=host or settings.serving.host,
-                port=settings.serving.port if port is None else port,
-                log_level="warning" if quiet else "info", access_log=not quiet)
+    spec = ServeSpec(params=str(params) if params else None, profile=profile,
+                     workspace=str(workspace) if workspace else None,
+                     overrides=list(overrides or ()),
+                     model_dir=str(folder) if folder else None, log_traffic=log_traffic,
+                     workers=workers, processes=server_processes(settings, processes))
+    run_server(spec, host or settings.serving.host,
+               settings.serving.port if port is None else port, quiet=quiet)
 
 
 @app.command()

@@ -459,8 +459,14 @@ class ServingSettings(_Strict):
     and while it streams; ``max_duration_s`` after decoding (both answer 413). An upload
     whose RMS level is below ``silence_dbfs`` is answered 200 with ``clarify: true`` and
     an empty transcript, without running the model. ``poll_seconds``: how often registry
-    aliases and the canary share are re-read. ``workers``: inference threads (0 = one
-    per core); each ONNX Runtime session uses ``model_threads`` intra-op threads.
+    aliases and the canary share are re-read. ``processes``: server processes sharing
+    the port (uvicorn workers; 0 = one per core): the LM beam search holds Python's GIL,
+    so one process cannot keep two cores busy. ``workers``: inference threads per
+    process (0 = the cores divided among the processes, at least one); each ONNX Runtime
+    session uses ``model_threads`` intra-op threads. ``max_batch``: requests that
+    waited together run as one model call of up to this many (1 = one at a time; an
+    int8 model's answer can then differ slightly with its batch-mates, see
+    :class:`serving.models.PredictorPool`).
     """
 
     host: str = "127.0.0.1"
@@ -469,8 +475,10 @@ class ServingSettings(_Strict):
     max_duration_s: float = Field(15.0, gt=0)
     silence_dbfs: float = -60.0
     poll_seconds: float = Field(5.0, gt=0)
+    processes: int = Field(1, ge=0)
     workers: int = Field(0, ge=0)
     model_threads: int = Field(1, ge=1)
+    max_batch: int = Field(1, ge=1)
     canary_share_tag: str = "canary_share"
     traffic: TrafficSettings = TrafficSettings()
 

@@ -1,0 +1,109 @@
+"""`voiceloop serve --processes 2`: two uvicorn worker processes on one port, started by
+the real CLI against a tiny int8 bundle — every request answered, Prometheus counts summed
+over the processes, every request in a committed traffic batch after SIGINT."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from model.nn.export import export_onnx, quantize_bundle
+from serving.traffic import list_batches, read_batch
+from tests.support import free_port, tiny_package, tone, wav_bytes
+
+pytestmark = pytest.mark.integration
+
+_ROOT = Path(__file__).resolve().parents[2]
+REQUESTS = 24
+
+
+def _children(pid: int) -> list[str]:
+    """Command lines of the direct children of ``pid``."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return out
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if re.match(rf"{name}(\{{.*\}})? ", line))
+
+
+def test_two_processes_answer_count_together_and_log_every_request(tmp_path: Path) -> None:
+    bundle = quantize_bundle(export_onnx(tiny_package("procs"), tmp_path / "fp32").folder,
+                             tmp_path / "int8")
+    workspace, port = tmp_path / "ws", free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "voiceloop.cli", "serve", "--model", str(bundle.folder),
+         "--processes", "2", "--host", "127.0.0.1", "--port", str(port), "--workspace",
+         str(workspace), "--profile", "tiny", "--quiet"],
+        cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the service did not get ready"
+            time.sleep(0.3)
+        workers = [c for c in _children(proc.pid) if "multiprocessing" in c and "spawn_main" in c]
+        assert len(workers) == 2, _children(proc.pid)
+
+        body = wav_bytes(tone(1.0, 300.0))
+
+        def one(i: int) -> tuple[int, str]:
+            # A connection per request: the two processes accept from one socket.
+            r = httpx.post(f"{url}/v1/understand", content=body,
+                           headers={"content-type": "audio/wav", "connection": "close"},
+                           timeout=30)
+            return r.status_code, r.json().get("request_id", "")
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(one, range(REQUESTS)))
+        assert [status for status, _ in answers] == [200] * REQUESTS
+        sent = {rid for _, rid in answers}
+        assert len(sent) == REQUESTS
+
+        # Whichever process answers /metrics reports both processes' counts.
+        deadline = time.monotonic() + 20
+        while True:
+            text = httpx.get(f"{url}/metrics", timeout=5).text
+            if _metric(text, "voiceloop_traffic_logged") == REQUESTS:
+                break
+            assert time.monotonic() < deadline, text
+            time.sleep(0.5)
+        assert _metric(text, "voiceloop_requests_total") == REQUESTS
+        assert _metric(text, "voiceloop_traffic_dropped") == 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0
+    root = str(workspace / "traffic")
+    logged = {rec.request_id for info in list_batches(root) for rec in read_batch(root, info)
+              if rec.kind == "request"}
+    assert logged == sent
