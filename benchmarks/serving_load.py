@@ -217,9 +217,9 @@ def _machine_busy() -> float:
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def _proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process and its descendants (the worker processes
-    of a multi-process server), all their threads, and of its reaped children."""
+def _tree_cpu(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of a process and of each of its live descendants (the
+    worker processes of a multi-process server), all their threads, by pid."""
     stats: dict[int, list[str]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -230,8 +230,13 @@ def _proc_cpu(pid: int) -> float:
         more = {p for p, f in stats.items() if int(f[1]) in tree} - tree
         tree |= more
         grew = bool(more)
-    ticks = sum(int(stats[p][11]) + int(stats[p][12]) for p in tree if p in stats)
-    return ticks / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return {p: (int(stats[p][11]) + int(stats[p][12])) / tick for p in tree if p in stats}
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds of the process tree of ``pid`` (:func:`_tree_cpu`, summed)."""
+    return sum(_tree_cpu(pid).values())
 
 
 # -- the clients ---------------------------------------------------------------------------
@@ -290,6 +295,7 @@ class _Level:
     sent: int = 0
     wall_s: float = 0.0
     server_cpu_s: float = 0.0
+    process_shares: list[float] = field(default_factory=list)
     client_cpu_s: float = 0.0
     other_cpu_s: float = 0.0
 
@@ -342,9 +348,15 @@ async def _drive(port: int, bodies: list[bytes], level: _Level, requests: int,
 def _run_level(pid: int, port: int, bodies: list[bytes], clients: int, requests: int,
                max_seconds: float, timeout: float, answers: dict[int, tuple[Any, ...]]) -> _Level:
     level = _Level(clients)
-    server0, client0, busy0 = _proc_cpu(pid), time.process_time(), _machine_busy()
+    tree0, client0, busy0 = _tree_cpu(pid), time.process_time(), _machine_busy()
     asyncio.run(_drive(port, bodies, level, requests, max_seconds, timeout, answers))
-    level.server_cpu_s = _proc_cpu(pid) - server0
+    used = {p: cpu - tree0.get(p, 0.0) for p, cpu in _tree_cpu(pid).items()}
+    level.server_cpu_s = sum(used.values())
+    # How the work split between the server's processes (the supervisor of a
+    # multi-process server does next to nothing): shares of the level's server CPU.
+    level.process_shares = sorted((round(c / level.server_cpu_s, 3) for c in used.values()
+                                   if level.server_cpu_s > 0 and c / level.server_cpu_s >= 0.02),
+                                  reverse=True)
     level.client_cpu_s = time.process_time() - client0
     level.other_cpu_s = max(0.0, _machine_busy() - busy0 - level.server_cpu_s
                             - level.client_cpu_s)
@@ -381,6 +393,7 @@ def _level_row(level: _Level, ceiling_rps: float) -> dict[str, Any]:
         "server_cpu_ms_per_request": round(1000 * level.server_cpu_s / max(ok, 1), 2),
         "client_cpu_ms_per_request": round(1000 * level.client_cpu_s / max(ok, 1), 2),
         "server_cpu_cores_busy": round(level.server_cpu_s / level.wall_s, 2) if level.wall_s else 0,
+        "server_process_cpu_shares": level.process_shares,
         "other_processes_cpu_cores_busy": (round(level.other_cpu_s / level.wall_s, 2)
                                            if level.wall_s else 0),
     }
@@ -401,7 +414,7 @@ def _table(result: dict[str, Any]) -> str:
         "",
         (f"{'clients':>7} {'ok':>5} {'err':>4} {'req/s':>7} {'ceil%':>6} {'p50':>7} {'p95':>7} "
          f"{'p99':>7} {'srv p50':>8} {'srv p99':>8} {'srv CPU/req':>11} {'cli CPU/req':>11} "
-         f"{'others':>6}"),
+         f"{'others':>6}  split"),
     ]
     for r in result["levels"]:
         lines.append(
@@ -409,7 +422,8 @@ def _table(result: dict[str, Any]) -> str:
             f"{100 * r['share_of_ceiling']:>5.1f}% {r['client_p50_ms']:>7.1f} "
             f"{r['client_p95_ms']:>7.1f} {r['client_p99_ms']:>7.1f} {r['server_p50_ms']:>8.1f} "
             f"{r['server_p99_ms']:>8.1f} {r['server_cpu_ms_per_request']:>9.2f}ms "
-            f"{r['client_cpu_ms_per_request']:>9.2f}ms {r['other_processes_cpu_cores_busy']:>6.2f}")
+            f"{r['client_cpu_ms_per_request']:>9.2f}ms {r['other_processes_cpu_cores_busy']:>6.2f}  "
+            + "/".join(f"{100 * x:.0f}" for x in r["server_process_cpu_shares"]))
     t = result["traffic"]
     lines.append(f"\ntraffic: sent (200) {t['sent']} = logged {t['logged']} + dropped "
                  f"{t['dropped']}; missing {t['missing']}; {t['batches']} committed batches; "
@@ -417,7 +431,8 @@ def _table(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append("(latencies in ms; srv = latency_ms the server reports; CPU/req = CPU time of "
                  "the server process / of this client per answered request; others = cores "
-                 "busy with other processes during the level)")
+                 "busy with other processes during the level; split = % of the server's CPU "
+                 "per server process)")
     for name, target in result["targets"].items():
         lines.append(f"  [{'PASS' if target['pass'] else 'FAIL'}] {name}: {target['value']} "
                      f"(target {target['target']})")
