@@ -4,11 +4,12 @@ running it in one or several server processes.
 Used by ``voiceloop serve``, the integration tests and ``benchmarks/serving_load.py``, so
 all three run the same thing.
 
-Several processes (``serving.processes``) share one port the way uvicorn's ``--workers``
-does: a supervisor process binds the socket and spawns the workers, each of which
-builds its own app from the :class:`ServeSpec` in ``$VOICELOOP_SERVE`` — its own
-predictors, registry watcher and traffic writer (batch ids are unique per writer, so the
-processes' batches never collide). Prometheus counters are then summed over the
+Several processes (``serving.processes``) share one port: a supervisor spawns the worker
+processes, each of which binds its own socket to the port with ``SO_REUSEPORT`` (the
+kernel spreads connections over them; see :class:`_Supervisor` for why not uvicorn's
+``--workers``) and builds its own app from the :class:`ServeSpec` in
+``$VOICELOOP_SERVE`` — its own predictors, registry watcher and traffic writer (batch ids
+are unique per writer, so the processes' batches never collide). Prometheus counters are then summed over the
 processes (``prometheus_client``'s multiprocess mode, in a temporary folder named by
 ``$PROMETHEUS_MULTIPROC_DIR``). A canary share changed through ``PUT /admin/canary``
 reaches the process that answered at once and the others at their next registry poll
@@ -17,11 +18,17 @@ reaches the process that answered at once and the others at their next registry 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
 import os
 import shutil
+import signal
+import socket
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from fastapi import FastAPI
@@ -127,8 +134,12 @@ def app_from_environment() -> FastAPI:
 
 def run_server(spec: ServeSpec, host: str, port: int, *, quiet: bool = False) -> None:
     """Serve until interrupted: in this process when ``spec.processes`` is 1, else in
-    ``spec.processes`` uvicorn worker processes on one socket (see the module docstring).
-    Each process flushes its traffic writer on shutdown (SIGINT/SIGTERM)."""
+    ``spec.processes`` worker processes (see the module docstring). Each process flushes
+    its traffic writer on shutdown (SIGINT/SIGTERM).
+
+    Raises:
+        RuntimeError: a worker process could not start (e.g. the port is taken).
+    """
     import uvicorn
 
     options = {"host": host, "port": port, "log_level": "warning" if quiet else "info",
@@ -141,10 +152,95 @@ def run_server(spec: ServeSpec, host: str, port: int, *, quiet: bool = False) ->
     os.environ[_METRICS_ENV] = metrics_dir  # before any worker imports prometheus_client
     log.info("serving with %d processes on %s:%d", spec.processes, host, port)
     try:
-        uvicorn.run("serving.service:app_from_environment", factory=True,
-                    workers=spec.processes, **options)
+        _Supervisor(spec.processes, options).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _worker(options: dict[str, Any]) -> None:
+    """One server process: its own listening socket on the shared port (SO_REUSEPORT),
+    its app from ``$VOICELOOP_SERVE``; uvicorn shuts it down gracefully on SIGINT/SIGTERM."""
+    import threading
+
+    import uvicorn
+
+    # Signals come from the supervisor, once: in a process group of its own, a Ctrl-C at
+    # the terminal does not reach this process directly — a second SIGINT would make
+    # uvicorn skip the app's shutdown, i.e. the traffic writer's last flush.
+    os.setpgrp()
+    parent = os.getppid()
+
+    def orphaned() -> None:  # the supervisor was killed outright: shut down, not linger
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=orphaned, name="supervisor-watch", daemon=True).start()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((options["host"], options["port"]))
+    sock.set_inheritable(True)
+    config = uvicorn.Config(app_from_environment, factory=True, **options)
+    # uvicorn re-raises the SIGINT it shut down on (after the app's shutdown ran).
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run(sockets=[sock])
+
+
+class _Supervisor:
+    """Starts ``count`` :func:`_worker` processes, restarts one that dies, and on SIGINT or
+    SIGTERM asks each to shut down gracefully and waits for them.
+
+    Each worker binds its own socket with ``SO_REUSEPORT``, so the kernel spreads new
+    connections over the processes. uvicorn's own ``--workers`` shares one socket
+    instead, and the first process to wake accepts every pending connection: in the load
+    benchmark, 4 keep-alive clients all landed on one of two processes (99 % of the
+    server's CPU in one), which then served them at one process's rate.
+    """
+
+    def __init__(self, count: int, options: dict[str, Any]) -> None:
+        self.count, self.options = count, options
+        self._ctx = multiprocessing.get_context("spawn")
+        self._stopping = False
+
+    def _start(self) -> multiprocessing.process.BaseProcess:
+        proc = self._ctx.Process(target=_worker, args=(self.options,), name="voiceloop-serve")
+        proc.start()
+        return proc
+
+    def run(self) -> None:
+        procs = [self._start() for _ in range(self.count)]
+        started = time.monotonic()
+
+        def stop(signum: int, _frame: Any) -> None:
+            self._stopping = True
+            for proc in procs:
+                if proc.pid is not None and proc.is_alive():
+                    os.kill(proc.pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not self._stopping:
+                time.sleep(0.5)
+                for i, proc in enumerate(procs):
+                    if proc.is_alive() or self._stopping:
+                        continue
+                    if time.monotonic() - started < 30:
+                        raise RuntimeError(f"server process {proc.pid} exited with code "
+                                           f"{proc.exitcode} while starting (port in use?)")
+                    log.error("server process %s exited with code %s; starting another",
+                              proc.pid, proc.exitcode)
+                    procs[i] = self._start()
+        finally:
+            if not self._stopping:  # an error: take the others down too
+                stop(signal.SIGTERM, None)
+            for proc in procs:
+                proc.join(60)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def app_from_spec(spec: ServeSpec) -> FastAPI:
