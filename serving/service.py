@@ -138,7 +138,8 @@ def run_server(spec: ServeSpec, host: str, port: int, *, quiet: bool = False) ->
     its traffic writer on shutdown (SIGINT/SIGTERM).
 
     Raises:
-        RuntimeError: a worker process could not start (e.g. the port is taken).
+        ValueError: port 0 with several processes.
+        RuntimeError: the port is taken, or a worker process could not start.
     """
     import uvicorn
 
@@ -147,6 +148,17 @@ def run_server(spec: ServeSpec, host: str, port: int, *, quiet: bool = False) ->
     if spec.processes == 1:
         uvicorn.run(app_from_spec(spec), **options)
         return
+    if port == 0:
+        raise ValueError("port 0 (any free port) cannot be shared by several processes: "
+                         "give a port, or serve with one process")
+    # SO_REUSEPORT would let the workers join another server already on this port (and
+    # split its traffic): make sure nothing listens there first.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise RuntimeError(f"cannot listen on {host}:{port}: {exc}") from exc
     metrics_dir = tempfile.mkdtemp(prefix="voiceloop-metrics-")
     os.environ[SERVE_ENV] = spec.model_dump_json()
     os.environ[_METRICS_ENV] = metrics_dir  # before any worker imports prometheus_client

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -107,3 +108,16 @@ def test_two_processes_answer_count_together_and_log_every_request(tmp_path: Pat
     logged = {rec.request_id for info in list_batches(root) for rec in read_batch(root, info)
               if rec.kind == "request"}
     assert logged == sent
+
+
+def test_several_processes_refuse_a_port_another_server_listens_on() -> None:
+    from serving.service import ServeSpec, run_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"cannot listen on 127.0.0.1:{port}"):
+            run_server(ServeSpec(processes=2), "127.0.0.1", port, quiet=True)
+    with pytest.raises(ValueError, match="port 0"):
+        run_server(ServeSpec(processes=2), "127.0.0.1", 0, quiet=True)
