@@ -26,20 +26,26 @@ from voiceloop.settings import Settings
 __all__ = ["deployments", "serve_flows"]
 
 
-def deployments(settings: Settings, parameters: dict[str, Any]) -> list[RunnerDeployment]:
-    """The deployments for one profile/workspace (``parameters`` go to every flow)."""
+def deployments(settings: Settings, parameters: dict[str, Any], *, schedules: bool = True
+                ) -> list[RunnerDeployment]:
+    """The deployments for one profile/workspace (``parameters`` go to every flow).
+    ``schedules=False``: no interval or cron (the event triggers stay) — for a driver that
+    runs ingestion and monitoring itself (the demo: an hourly drift check that happened to
+    fire mid-story judged the freshly promoted model, raised a second episode and started
+    a second retraining beside the demo's own)."""
     f = settings.flows
     return [
         ingest_flow.to_deployment(
-            name="ingest", interval=timedelta(minutes=f.ingest_every_minutes),
+            name="ingest",
+            interval=timedelta(minutes=f.ingest_every_minutes) if schedules else None,
             parameters=parameters, tags=["voiceloop", "monitoring"],
             description="Validate, featurise and version new production-traffic batches."),
         monitor_flow.to_deployment(
-            name="monitor", cron=f.monitor_cron, parameters=parameters,
+            name="monitor", cron=f.monitor_cron if schedules else None, parameters=parameters,
             tags=["voiceloop", "monitoring"],
             description="Drift check of the latest traffic window; raises the drift event."),
         retrain_flow.to_deployment(
-            name="retrain", cron=f.retrain_cron, parameters=parameters,
+            name="retrain", cron=f.retrain_cron if schedules else None, parameters=parameters,
             tags=["voiceloop", "retraining"],
             # The drift event starts a retraining (one event per drift episode).
             triggers=[DeploymentEventTrigger(expect={f.drift_event},
@@ -56,6 +62,8 @@ def deployments(settings: Settings, parameters: dict[str, Any]) -> list[RunnerDe
     ]
 
 
-def serve_flows(settings: Settings, parameters: dict[str, Any]) -> None:
-    """Serve every deployment until interrupted (blocks)."""
-    serve(*deployments(settings, parameters))
+def serve_flows(settings: Settings, parameters: dict[str, Any], *, schedules: bool = True
+                ) -> None:
+    """Serve every deployment until interrupted (blocks); ``schedules`` as in
+    :func:`deployments`."""
+    serve(*deployments(settings, parameters, schedules=schedules))

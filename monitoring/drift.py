@@ -839,6 +839,10 @@ def consecutive_windows(frame: pd.DataFrame, rows: int, count: int) -> list[pd.D
         starts = [i * rows for i in range(count)]
     else:
         starts = [int(x) for x in np.linspace(0, len(frame) - rows, count).round()]
+        log.warning("%d calibration windows of %d rows overlap in %d rows (about %.1f "
+                    "disjoint ones): thresholds will be tighter than the spread of real "
+                    "windows; %d rows would make them disjoint", count, rows, len(frame),
+                    len(frame) / rows, rows * count)
     return [frame.iloc[start:start + rows].reset_index(drop=True) for start in starts]
 
 

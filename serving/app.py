@@ -228,9 +228,10 @@ async def _audio_bytes(request: Request, cap: int) -> bytes:
 def create_app(state: ServiceState) -> FastAPI:
     """The FastAPI app over ``state`` (its model source is started with the app)."""
     metrics = _Metrics()
-    # Enough threads to hold a full batch per predictor waiting (each thread decodes its
-    # upload, then waits in PredictorPool.predict while a batch runs).
-    pool = ThreadPoolExecutor(max_workers=state.workers * state.settings.max_batch,
+    # Each thread decodes its upload, then waits in PredictorPool.predict: enough threads
+    # for a running batch per predictor plus a full one queueing behind it.
+    batch = state.settings.max_batch
+    pool = ThreadPoolExecutor(max_workers=state.workers * (1 if batch == 1 else 2 * batch),
                               thread_name_prefix="inference")
     rng = random.Random()
     admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
@@ -248,7 +249,10 @@ def create_app(state: ServiceState) -> FastAPI:
         # traffic counts current in the shared files.
         while True:
             await asyncio.sleep(1.0)
-            traffic_gauges()
+            try:
+                traffic_gauges()
+            except Exception:  # a gauge is not worth the refresher
+                log.exception("refreshing the traffic gauges failed")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -50,6 +50,7 @@ class _Job:
     request_id: str
     waveform: np.ndarray
     rate: int
+    taken: bool = False
     done: bool = False
     result: Prediction | None = None
     error: BaseException | None = None
@@ -114,10 +115,14 @@ class PredictorPool:
         with self._cond:
             self._pending.append(job)
             while not job.done:
-                if self._idle and self._pending:
+                # Lead a batch only while this job still waits: a caller whose job already
+                # runs in another's batch just waits for it (not for a batch of its own).
+                if not job.taken and self._idle:
                     predictor = self._idle.pop()
                     batch = [self._pending.popleft()
                              for _ in range(min(self.max_batch, len(self._pending)))]
+                    for taken in batch:
+                        taken.taken = True
                     self._cond.release()
                     try:
                         self._run(predictor, batch)
@@ -140,12 +145,13 @@ class PredictorPool:
             results = predictor.predict_waveforms([j.request_id for j in batch],
                                                   [j.waveform for j in batch],
                                                   [j.rate for j in batch])
-        except BaseException as exc:  # noqa: BLE001 - each caller re-raises it
+            for j, result in zip(batch, results, strict=True):
+                j.result = result
+        except Exception as exc:  # noqa: BLE001 - each caller raises it (its own copy)
             for j in batch:
-                j.error = exc
-            return
-        for j, result in zip(batch, results, strict=True):
-            j.result = result
+                j.error = RuntimeError(f"the model failed on a batch of {len(batch)}: "
+                                       f"{type(exc).__name__}: {exc}")
+                j.error.__cause__ = exc
 
 
 @dataclass(frozen=True)

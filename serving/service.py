@@ -139,7 +139,7 @@ def run_server(spec: ServeSpec, host: str, port: int, *, quiet: bool = False) ->
 
     Raises:
         ValueError: port 0 with several processes.
-        RuntimeError: the port is taken, or a worker process could not start.
+        RuntimeError: the port is taken, or a worker process exited while starting.
     """
     import uvicorn
 
@@ -152,7 +152,8 @@ def run_server(spec: ServeSpec, host: str, port: int, *, quiet: bool = False) ->
         raise ValueError("port 0 (any free port) cannot be shared by several processes: "
                          "give a port, or serve with one process")
     # SO_REUSEPORT would let the workers join another server already on this port (and
-    # split its traffic): make sure nothing listens there first.
+    # split its traffic): make sure nothing listens there first. (Two supervisors started
+    # in the same second could both pass; the workers bind a few seconds later.)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -160,18 +161,25 @@ def run_server(spec: ServeSpec, host: str, port: int, *, quiet: bool = False) ->
         except OSError as exc:
             raise RuntimeError(f"cannot listen on {host}:{port}: {exc}") from exc
     metrics_dir = tempfile.mkdtemp(prefix="voiceloop-metrics-")
+    saved = {k: os.environ.get(k) for k in (SERVE_ENV, _METRICS_ENV)}
     os.environ[SERVE_ENV] = spec.model_dump_json()
     os.environ[_METRICS_ENV] = metrics_dir  # before any worker imports prometheus_client
     log.info("serving with %d processes on %s:%d", spec.processes, host, port)
     try:
-        _Supervisor(spec.processes, options).run()
+        _Supervisor(spec.processes, options, metrics_dir).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-def _worker(options: dict[str, Any]) -> None:
+def _worker(options: dict[str, Any], supervisor: int) -> None:
     """One server process: its own listening socket on the shared port (SO_REUSEPORT),
-    its app from ``$VOICELOOP_SERVE``; uvicorn shuts it down gracefully on SIGINT/SIGTERM."""
+    its app from ``$VOICELOOP_SERVE``; uvicorn shuts it down gracefully on SIGINT/SIGTERM.
+    ``supervisor``: the pid whose death means this process must stop too."""
     import threading
 
     import uvicorn
@@ -180,10 +188,9 @@ def _worker(options: dict[str, Any]) -> None:
     # the terminal does not reach this process directly — a second SIGINT would make
     # uvicorn skip the app's shutdown, i.e. the traffic writer's last flush.
     os.setpgrp()
-    parent = os.getppid()
 
     def orphaned() -> None:  # the supervisor was killed outright: shut down, not linger
-        while os.getppid() == parent:
+        while os.getppid() == supervisor:
             time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -199,9 +206,14 @@ def _worker(options: dict[str, Any]) -> None:
         uvicorn.Server(config).run(sockets=[sock])
 
 
+_START_GRACE_S = 60.0
+"""A worker that exits sooner than this after it started failed to start: fatal (no
+restart loop on a port in use or a broken model); one that exits later is restarted."""
+
+
 class _Supervisor:
-    """Starts ``count`` :func:`_worker` processes, restarts one that dies, and on SIGINT or
-    SIGTERM asks each to shut down gracefully and waits for them.
+    """Starts ``count`` :func:`_worker` processes, restarts one that dies after it had
+    started, and on SIGINT or SIGTERM asks each once to shut down gracefully and waits.
 
     Each worker binds its own socket with ``SO_REUSEPORT``, so the kernel spreads new
     connections over the processes. uvicorn's own ``--workers`` shares one socket
@@ -210,47 +222,67 @@ class _Supervisor:
     server's CPU in one), which then served them at one process's rate.
     """
 
-    def __init__(self, count: int, options: dict[str, Any]) -> None:
-        self.count, self.options = count, options
+    def __init__(self, count: int, options: dict[str, Any], metrics_dir: str) -> None:
+        self.count, self.options, self.metrics_dir = count, options, metrics_dir
         self._ctx = multiprocessing.get_context("spawn")
-        self._stopping = False
+        self._stop_signal: int | None = None
+        self._procs: list[tuple[multiprocessing.process.BaseProcess, float]] = []
+        self._signalled: set[int] = set()
 
-    def _start(self) -> multiprocessing.process.BaseProcess:
-        proc = self._ctx.Process(target=_worker, args=(self.options,), name="voiceloop-serve")
+    def _start(self) -> tuple[multiprocessing.process.BaseProcess, float]:
+        proc = self._ctx.Process(target=_worker, args=(self.options, os.getpid()),
+                                 name="voiceloop-serve")
         proc.start()
-        return proc
+        return proc, time.monotonic()
+
+    def _signal_all(self, signum: int) -> None:
+        for proc, _ in self._procs:
+            if proc.pid is not None and proc.pid not in self._signalled and proc.is_alive():
+                self._signalled.add(proc.pid)
+                os.kill(proc.pid, signum)
+
+    def _forget(self, pid: int | None) -> None:
+        """Drop a dead worker's live gauges from the summed metrics."""
+        if pid is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid, self.metrics_dir)
 
     def run(self) -> None:
-        procs = [self._start() for _ in range(self.count)]
-        started = time.monotonic()
-
         def stop(signum: int, _frame: Any) -> None:
-            self._stopping = True
-            for proc in procs:
-                if proc.pid is not None and proc.is_alive():
-                    os.kill(proc.pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+            if self._stop_signal is None:  # repeats ignored: see _worker
+                self._stop_signal = signum
+                self._signal_all(signum)
 
+        # Handlers first: a signal while the workers start is then still forwarded.
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while not self._stopping:
+            for _ in range(self.count):
+                if self._stop_signal is None:
+                    self._procs.append(self._start())
+            while self._stop_signal is None:
                 time.sleep(0.5)
-                for i, proc in enumerate(procs):
-                    if proc.is_alive() or self._stopping:
+                for i, (proc, started) in enumerate(self._procs):
+                    if proc.is_alive() or self._stop_signal is not None:
                         continue
-                    if time.monotonic() - started < 30:
+                    self._forget(proc.pid)
+                    if time.monotonic() - started < _START_GRACE_S:
                         raise RuntimeError(f"server process {proc.pid} exited with code "
-                                           f"{proc.exitcode} while starting (port in use?)")
+                                           f"{proc.exitcode} while starting (port in use? "
+                                           "see the log above)")
                     log.error("server process %s exited with code %s; starting another",
                               proc.pid, proc.exitcode)
-                    procs[i] = self._start()
+                    self._procs[i] = self._start()
         finally:
-            if not self._stopping:  # an error: take the others down too
-                stop(signal.SIGTERM, None)
-            for proc in procs:
+            # Every live worker gets one signal — also one started while a stop arrived,
+            # and all of them when a failure ends the loop.
+            self._signal_all(self._stop_signal or signal.SIGTERM)
+            for proc, _ in self._procs:
                 proc.join(60)
                 if proc.is_alive():
                     proc.kill()
                     proc.join()
+                self._forget(proc.pid)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 

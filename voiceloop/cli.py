@@ -737,15 +737,22 @@ def flows_serve(
     profile: ProfileOpt = None,
     params: ParamsOpt = None,
     workspace: WorkspaceOpt = None,
+    schedules: Annotated[bool, typer.Option(
+        help="Run the flows on their schedules. --no-schedules keeps the deployments and "
+             "their event triggers (drift → retraining → promotion) but no clock: for a "
+             "driver that runs ingestion and monitoring itself, as `voiceloop demo` "
+             "does.")] = True,
 ) -> None:
     """Serve every flow deployment with its schedule (params.yaml `flows`): ingestion
-    every 10 min, drift monitoring hourly. Needs a Prefect server (`voiceloop flows
-    server`) and PREFECT_API_URL pointing at it; blocks until interrupted."""
+    every 10 min, drift monitoring hourly, retraining weekly and on the drift event,
+    promotion after each retraining. Needs a Prefect server (`voiceloop flows server`)
+    and PREFECT_API_URL pointing at it; blocks until interrupted."""
     from flows.deploy import serve_flows
 
     _setup_logging(False)
     settings = load_settings(params, profile, workspace)
-    serve_flows(settings, {"profile": settings.profile, "workspace": str(settings.workspace)})
+    serve_flows(settings, {"profile": settings.profile, "workspace": str(settings.workspace)},
+                schedules=schedules)
 
 
 @app.command("retrain-train", hidden=True)

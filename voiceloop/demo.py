@@ -316,8 +316,10 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
         version = seed_production(settings)
         registry = Registry(settings)
         story.add(f"registry seeded: the released model is version {version}, alias production")
+        # The story runs ingestion and monitoring itself; a schedule firing mid-story
+        # (the hourly drift check) would judge a model the story has not calibrated yet.
         procs.start("flows", [py, "-m", "voiceloop.cli", "flows", "serve", "--profile",
-                                      settings.profile, "--workspace", str(ws)], env)
+                              settings.profile, "--workspace", str(ws), "--no-schedules"], env)
         service = procs.start("service", [py, "-m", "voiceloop.cli", "serve", "--profile",
                                           settings.profile, "--workspace", str(ws), "--port",
                                           str(ports["service"]), "--quiet"], env)

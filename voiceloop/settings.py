@@ -460,8 +460,8 @@ class ServingSettings(_Strict):
     whose RMS level is below ``silence_dbfs`` is answered 200 with ``clarify: true`` and
     an empty transcript, without running the model. ``poll_seconds``: how often registry
     aliases and the canary share are re-read. ``processes``: server processes sharing
-    the port (uvicorn workers; 0 = one per core): the LM beam search holds Python's GIL,
-    so one process cannot keep two cores busy. ``workers``: inference threads per
+    the port (each its own SO_REUSEPORT socket; 0 = one per core): the LM beam search
+    holds Python's GIL, so one process cannot keep two cores busy. ``workers``: inference threads per
     process (0 = the cores divided among the processes, at least one); each ONNX Runtime
     session uses ``model_threads`` intra-op threads. ``max_batch``: requests that
     waited together run as one model call of up to this many (1 = one at a time; an

@@ -17,16 +17,17 @@
 B, T, T' and U are dynamic. Greedy parse decoding re-runs ``decoder.onnx`` with a growing
 prefix (no key/value cache: parses are ~10 tokens, the decoder is one or two layers).
 
-The encoder graph comes from the tracing exporter (``torch.onnx.export(..., dynamo=False)``):
-for the released student it writes the same numbers as the torch.export-based exporter
-(``dynamo=True``) in 1.5 s instead of 27.5 s (one core; 0.6 s against 13 s for a tiny
-test encoder), and the int8 graph runs as fast (3.4 vs 3.6 ms per 3-s utterance) at 5 %
-more bytes (graph-structure nodes) — every export (the training stages, the retraining
-flow, a dozen test fixtures) paid those seconds. Tracing freezes Python-level values at
-the example's shapes, so :func:`export_onnx` verifies the bundle against eager torch at
-the example length *and* at a second one. The parse decoder's graph still comes from
-torch.export: traced, ``nn.MultiheadAttention``'s cross-attention kept the example's
-encoder length and batch in its reshapes (the second-length check caught it).
+The encoder graph comes from the tracing exporter (``torch.onnx.export(...,
+dynamo=False)``): for the released student it writes the same numbers as the
+torch.export-based exporter (``dynamo=True``) in 1.5 s instead of 27.5 s (one core; 0.6
+s against 13 s for a tiny test encoder), and the int8 graph runs as fast (3.4 vs 3.6 ms
+per 3-s utterance) at 5 % more bytes (graph-structure nodes) — every export (the
+training stages, the retraining flow, a dozen test fixtures) paid those seconds. Tracing
+freezes Python-level values at the example's shapes, so :func:`export_onnx` verifies the
+bundle against eager torch at the example's shape *and* at other lengths and batch
+sizes. The parse decoder's graph still comes from torch.export: traced,
+``nn.MultiheadAttention``'s cross-attention kept the example's encoder length and batch
+in its reshapes (the second-length check caught it).
 The encoder graph skips the eager encoder's data-dependent "utterance too short" check
 (it cannot be traced); callers check lengths first
 (:func:`model.nn.network.min_input_frames`). Padding invariance survives export: padded
@@ -291,18 +292,11 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path,
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", UserWarning)
-        # nn.MultiheadAttention's inference fast path is one fused op the tracer cannot
-        # export; the unfused path computes the same attention.
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            torch.onnx.export(
-                module.eval(), args, str(path), dynamo=False, opset_version=OPSET,
-                input_names=list(input_names), output_names=list(output_names),
-                dynamic_axes=dynamic_axes, do_constant_folding=True, verbose=False,
-            )
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
+        torch.onnx.export(
+            module.eval(), args, str(path), dynamo=False, opset_version=OPSET,
+            input_names=list(input_names), output_names=list(output_names),
+            dynamic_axes=dynamic_axes, do_constant_folding=True, verbose=False,
+        )
     _strip_node_metadata(path)
 
 
@@ -376,9 +370,12 @@ def export_onnx(package: ModelPackage, out_dir: Path, verify: bool = True,
     bundle = open_bundle(out_dir)
     if verify:
         check_bundle(bundle, model, atol=atol)
-        # A second length (and batch-mate length) than the traced example's: a shape
-        # frozen into the graph by tracing shows up here as a mismatch or an ORT error.
-        check_bundle(bundle, model, atol=atol, frames=int(feats.size(1)) * 3 // 2 + 7)
+        # Other lengths and batch sizes than the traced example's (the service runs
+        # batches of 1 to serving.max_batch): a shape frozen into the graph by tracing
+        # shows up here as a mismatch or an ORT error.
+        frames = int(feats.size(1)) * 3 // 2 + 7
+        check_bundle(bundle, model, atol=atol, frames=frames, batch=3)
+        check_bundle(bundle, model, atol=atol, frames=frames // 2 + 3, batch=1)
     return bundle
 
 
@@ -395,8 +392,10 @@ def make_session(path: Path, threads: int = 1) -> Any:
 
 
 def check_bundle(bundle: DeployBundle, model: JointModel, atol: float = 1e-4,
-                 frames: int | None = None) -> dict[str, float]:
-    """Compare ONNX Runtime with eager torch on a padded batch of two utterances.
+                 frames: int | None = None, batch: int = 2) -> dict[str, float]:
+    """Compare ONNX Runtime with eager torch on a padded batch of utterances: the export
+    example (two), or ``batch`` random ones of ``frames`` frames and shorter (lengths
+    spread down to about half).
 
     Returns the largest absolute difference per output (``encoder`` compared on valid
     frames, ``ctc_logits`` on valid CTC frames, ``decoder`` on a 3-token prefix).
@@ -406,13 +405,18 @@ def check_bundle(bundle: DeployBundle, model: JointModel, atol: float = 1e-4,
     """
     feats, lengths = _example_inputs(model.cfg)
     if frames is not None:
-        feats = torch.randn(2, frames, model.cfg.encoder.n_mels)
-        lengths = torch.tensor([frames, max(min_input_frames(model.cfg.encoder.subsampling),
-                                            frames // 2)])
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        shortest = max(min_input_frames(model.cfg.encoder.subsampling), frames // 2)
+        lengths = torch.linspace(frames, shortest, batch).round().long()
+        feats = torch.randn(batch, frames, model.cfg.encoder.n_mels)
+        for i, n in enumerate(lengths.tolist()):
+            feats[i, n:] = 0.0
     encoder = make_session(bundle.encoder)
     enc_o, len_o, ctc_o, intent_o = encoder.run(
         list(ENCODER_OUTPUTS), {"feats": feats.numpy(), "lengths": lengths.numpy()})
-    tokens = torch.tensor([[ParseVocab.BOS, 4, 5], [ParseVocab.BOS, 6, 7]])
+    tokens = torch.tensor([[ParseVocab.BOS, 4 + i % 2 * 2, 5 + i % 2 * 2]
+                           for i in range(feats.size(0))])
     with torch.no_grad():
         enc, enc_lengths, pad = model.encode(feats, lengths)
         ctc, ctc_lengths = model.ctc(enc, enc_lengths)

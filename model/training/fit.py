@@ -109,9 +109,11 @@ def capped_threads(requested: int) -> int:
     raw = os.environ.get("OMP_NUM_THREADS", "").strip()
     if not raw:
         return requested
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"OMP_NUM_THREADS must be a positive integer, got {raw!r}")
-    return min(requested, int(raw))
+    outer = raw.split(",")[0].strip()  # "4,2": one count per nesting level; the first is ours
+    if not outer.isdigit() or int(outer) < 1:
+        raise ValueError(f"OMP_NUM_THREADS must be a positive integer (or a list of them), "
+                         f"got {raw!r}")
+    return min(requested, int(outer))
 
 
 @dataclass(frozen=True)

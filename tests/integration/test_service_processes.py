@@ -27,18 +27,25 @@ _ROOT = Path(__file__).resolve().parents[2]
 REQUESTS = 24
 
 
-def _children(pid: int) -> list[str]:
-    """Command lines of the direct children of ``pid``."""
+def _children(pid: int) -> list[tuple[int, str]]:
+    """``(pid, command line)`` of the direct children of ``pid``."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                out.append((int(entry.name), cmd))
         except OSError:
             continue
     return out
+
+
+def _cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _metric(text: str, name: str) -> float:
@@ -68,13 +75,14 @@ def test_two_processes_answer_count_together_and_log_every_request(tmp_path: Pat
                 pass
             assert time.monotonic() < deadline, "the service did not get ready"
             time.sleep(0.3)
-        workers = [c for c in _children(proc.pid) if "multiprocessing" in c and "spawn_main" in c]
+        workers = [pid for pid, cmd in _children(proc.pid) if "spawn_main" in cmd]
         assert len(workers) == 2, _children(proc.pid)
+        cpu_before = {pid: _cpu(pid) for pid in workers}
 
         body = wav_bytes(tone(1.0, 300.0))
 
         def one(i: int) -> tuple[int, str]:
-            # A connection per request: the two processes accept from one socket.
+            # A connection per request: the kernel spreads them over the two sockets.
             r = httpx.post(f"{url}/v1/understand", content=body,
                            headers={"content-type": "audio/wav", "connection": "close"},
                            timeout=30)
@@ -85,6 +93,10 @@ def test_two_processes_answer_count_together_and_log_every_request(tmp_path: Pat
         assert [status for status, _ in answers] == [200] * REQUESTS
         sent = {rid for _, rid in answers}
         assert len(sent) == REQUESTS
+        # Both processes answered: each did a real share of the work (with one shared
+        # socket, one process used to take every connection).
+        used = {pid: _cpu(pid) - cpu_before[pid] for pid in workers}
+        assert min(used.values()) >= 0.2 * max(used.values()), used
 
         # Whichever process answers /metrics reports both processes' counts.
         deadline = time.monotonic() + 20
