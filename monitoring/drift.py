@@ -814,6 +814,13 @@ def calibrate_thresholds(
     )
 
 
+def _check_window_sizes(frame: pd.DataFrame, rows: int, count: int) -> None:
+    if rows < 1 or count < 1:
+        raise ValueError(f"rows and count must be positive, got rows={rows}, count={count}")
+    if rows > len(frame):
+        raise ValueError(f"rows {rows} > the frame's {len(frame)} rows")
+
+
 def consecutive_windows(frame: pd.DataFrame, rows: int, count: int) -> list[pd.DataFrame]:
     """``count`` windows of ``rows`` *consecutive* rows of ``frame``, in its order — the
     baseline windows to calibrate on when ``frame`` is traffic in arrival order.
@@ -831,10 +838,7 @@ def consecutive_windows(frame: pd.DataFrame, rows: int, count: int) -> list[pd.D
     Raises:
         ValueError: ``rows`` or ``count`` below 1, or ``rows`` above ``len(frame)``.
     """
-    if rows < 1 or count < 1:
-        raise ValueError(f"rows and count must be positive, got rows={rows}, count={count}")
-    if rows > len(frame):
-        raise ValueError(f"rows {rows} > the frame's {len(frame)} rows")
+    _check_window_sizes(frame, rows, count)
     if rows * count <= len(frame):
         starts = [i * rows for i in range(count)]
     else:
@@ -859,10 +863,7 @@ def sample_windows(frame: pd.DataFrame, rows: int, count: int, *, seed: int = 0
     Raises:
         ValueError: ``rows`` or ``count`` below 1, or ``rows`` above ``len(frame)``.
     """
-    if rows < 1 or count < 1:
-        raise ValueError(f"rows and count must be positive, got rows={rows}, count={count}")
-    if rows > len(frame):
-        raise ValueError(f"rows {rows} > the frame's {len(frame)} rows")
+    _check_window_sizes(frame, rows, count)
     rng = np.random.default_rng(seed)
     if rows * count <= len(frame):
         order = rng.permutation(len(frame))
