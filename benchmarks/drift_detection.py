@@ -217,6 +217,7 @@ class Rendered:
         audio: N float32 waveforms at ``rate`` Hz.
         rate: sample rate, Hz.
         intent, domain: the N true labels.
+        seed: the render seed (None: not one render, e.g. the ingestion sample).
     """
 
     pool: str
@@ -226,6 +227,7 @@ class Rendered:
     rate: int
     intent: list[str]
     domain: list[str]
+    seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.audio)
@@ -237,7 +239,7 @@ class Rendered:
     def head(self, n: int) -> Rendered:
         """The first ``n`` utterances."""
         return Rendered(self.pool, self.scenario, self.index[:n], self.audio[:n], self.rate,
-                        self.intent[:n], self.domain[:n])
+                        self.intent[:n], self.domain[:n], self.seed)
 
 
 def _save_rendered(path: Path, items: list[SimUtterance], count: int) -> None:
@@ -253,7 +255,8 @@ def _save_rendered(path: Path, items: list[SimUtterance], count: int) -> None:
     tmp.replace(path)
 
 
-def _load_rendered(path: Path, pool: str, scenario: str, count: int) -> Rendered | None:
+def _load_rendered(path: Path, pool: str, scenario: str, count: int, seed: int
+                   ) -> Rendered | None:
     """The cached render of ≥ ``count`` utterances, cut to the first ``count`` indices."""
     if not path.exists():
         return None
@@ -265,7 +268,7 @@ def _load_rendered(path: Path, pool: str, scenario: str, count: int) -> Rendered
         keep = int((index < count).sum())  # utterance i depends on (seed, scenario, i) only
         audio = [pcm[offsets[i]:offsets[i + 1]].astype(np.float32) / 32767.0 for i in range(keep)]
     return Rendered(pool, scenario, index[:keep], audio, int(meta["rate"]),
-                    meta["intent"][:keep], meta["domain"][:keep])
+                    meta["intent"][:keep], meta["domain"][:keep], seed)
 
 
 def render_pool(settings: Settings, pool: str, scenario: str, count: int, seed: int,
@@ -280,7 +283,7 @@ def render_pool(settings: Settings, pool: str, scenario: str, count: int, seed: 
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     path = (cache / "render" / f"{settings.profile}-{scenario}-seed{seed}.npz") if cache else None
-    if path is not None and (hit := _load_rendered(path, pool, scenario, count)) is not None:
+    if path is not None and (hit := _load_rendered(path, pool, scenario, count, seed)) is not None:
         return hit
     t0 = time.perf_counter()
     rir_cache = (cache or Path(tempfile.gettempdir()) / "voiceloop_bench") / "rir"
@@ -292,7 +295,7 @@ def render_pool(settings: Settings, pool: str, scenario: str, count: int, seed: 
         _save_rendered(path, items, count)
     return Rendered(pool, scenario, np.array([u.index for u in items], dtype=np.int64),
                     [u.audio for u in items], items[0].sample_rate if items else 16000,
-                    [u.intent for u in items], [u.domain for u in items])
+                    [u.intent for u in items], [u.domain for u in items], seed)
 
 
 # --------------------------------------------------------------------------- traffic
@@ -390,8 +393,10 @@ def featurise(settings: Settings, rendered: Rendered, predictor: BatchPredictor,
               ) -> pd.DataFrame:
     """Curated rows of ``rendered``: answered by ``predictor``, written through the
     traffic store and ingested (quarantined samples are absent), cached per model."""
+    # Keyed by the render seed too: rows of another seed's audio are other rows (a run
+    # with --seed 7 once judged the default seed's cached rows).
     path = (cache / "rows" / model_key / f"{settings.profile}-{rendered.pool}-{rendered.scenario}-"
-            f"{len(rendered)}.parquet") if cache else None
+            f"seed{rendered.seed}-{len(rendered)}.parquet") if cache else None
     if path is not None and path.exists():
         return pd.read_parquet(path)
     t0 = time.perf_counter()
