@@ -234,11 +234,6 @@ def _tree_cpu(pid: int) -> dict[int, float]:
     return {p: (int(stats[p][11]) + int(stats[p][12])) / tick for p in tree if p in stats}
 
 
-def _proc_cpu(pid: int) -> float:
-    """CPU seconds of the process tree of ``pid`` (:func:`_tree_cpu`, summed)."""
-    return sum(_tree_cpu(pid).values())
-
-
 # -- the clients ---------------------------------------------------------------------------
 
 
@@ -480,7 +475,7 @@ def _installed(module: str) -> bool:
 
 
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    from serving.service import server_processes
+    from serving.service import inference_threads, server_processes
     from serving.traffic import list_batches, read_batch
     from voiceloop.settings import load_settings
 
@@ -497,15 +492,14 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     workspace = tmp / "workspace"
     settings = load_settings(None, args.profile, workspace)
-    workers = (args.workers or settings.serving.workers
-               or max(1, (os.cpu_count() or 1) // server_processes(settings, args.processes)))
+    processes = server_processes(settings, args.processes)
+    workers = inference_threads(settings, processes, args.workers)
     port = _free_port()
     cmd = [sys.executable, "-m", "voiceloop.cli", "serve", "--model", str(bundle),
            "--host", "127.0.0.1", "--port", str(port), "--workspace", str(workspace),
            "--profile", args.profile, "--quiet"]
     if args.workers:
         cmd += ["--workers", str(args.workers)]
-    processes = server_processes(settings, args.processes)
     max_batch = settings.serving.max_batch if args.max_batch is None else args.max_batch
     cmd += ["--processes", str(processes), "--set", f"serving.max_batch={max_batch}"]
     log_path = tmp / "server.log"

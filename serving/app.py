@@ -76,11 +76,14 @@ from serving.routing import choose_route
 from serving.traffic import TrafficWriter, pcm16
 from voiceloop.settings import ServingSettings
 
-__all__ = ["ADMIN_TOKEN_ENV", "ServiceState", "create_app"]
+__all__ = ["ADMIN_TOKEN_ENV", "METRICS_DIR_ENV", "ServiceState", "create_app"]
 
 log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_ENV = "VOICELOOP_ADMIN_TOKEN"
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""Set (by :func:`serving.service.run_server`) when several processes serve: Prometheus
+values go to files in that folder and ``/metrics`` sums them."""
 _AUDIO_TYPES = ("audio/", "application/octet-stream")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
@@ -96,7 +99,7 @@ class _Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.multiprocess = bool(os.environ.get(METRICS_DIR_ENV))
         r = self.registry
         self.requests = Counter("voiceloop_requests", "Understand requests answered",
                                 ["route", "model_version", "status"], registry=r)

@@ -23,8 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -68,7 +67,6 @@ class PredictorPool:
     per 3-s utterance at batches of 8). The price: an int8 model quantises each
     activation tensor with one scale over the batch, so an answer can differ slightly
     with its batch-mates (``max_batch: 1`` keeps every answer independent of others).
-    :meth:`borrow` lends a whole predictor instead.
     """
 
     def __init__(self, folder: Path, size: int, factory: PredictorFactory,
@@ -89,20 +87,6 @@ class PredictorPool:
         self._idle.append(first)
         for _ in range(size - 1):
             self._idle.append(factory(folder))
-
-    @contextmanager
-    def borrow(self) -> Iterator[BatchPredictor]:
-        """A predictor for the caller's exclusive use while the block runs."""
-        with self._cond:
-            while not self._idle:
-                self._cond.wait()
-            predictor = self._idle.pop()
-        try:
-            yield predictor
-        finally:
-            with self._cond:
-                self._idle.append(predictor)
-                self._cond.notify_all()
 
     def predict(self, request_id: str, waveform: np.ndarray, rate: int) -> Prediction:
         """The prediction for one mono float32 ``waveform`` ``(N,)`` at ``rate`` Hz (the

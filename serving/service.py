@@ -8,12 +8,12 @@ Several processes (``serving.processes``) share one port: a supervisor spawns th
 processes, each of which binds its own socket to the port with ``SO_REUSEPORT`` (the
 kernel spreads connections over them; see :class:`_Supervisor` for why not uvicorn's
 ``--workers``) and builds its own app from the :class:`ServeSpec` in
-``$VOICELOOP_SERVE`` — its own predictors, registry watcher and traffic writer (batch ids
-are unique per writer, so the processes' batches never collide). Prometheus counters are then summed over the
-processes (``prometheus_client``'s multiprocess mode, in a temporary folder named by
-``$PROMETHEUS_MULTIPROC_DIR``). A canary share changed through ``PUT /admin/canary``
-reaches the process that answered at once and the others at their next registry poll
-(``serving.poll_seconds``), as a change made in the MLflow UI does.
+``$VOICELOOP_SERVE`` — its own predictors, registry watcher and traffic writer (batch
+ids are unique per writer, so the processes' batches never collide). Prometheus counters
+are then summed over the processes (``prometheus_client``'s multiprocess mode, in a
+temporary folder named by ``$PROMETHEUS_MULTIPROC_DIR``). A canary share changed through
+``PUT /admin/canary`` reaches the process that answered at once and the others at their
+next registry poll (``serving.poll_seconds``), as a change made in the MLflow UI does.
 """
 
 from __future__ import annotations
@@ -34,22 +34,19 @@ import torch
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from serving.app import ServiceState, create_app
+from serving.app import METRICS_DIR_ENV, ServiceState, create_app
 from serving.models import FixedModel, ModelSource, RegistryModels, default_factory
 from serving.traffic import TrafficWriter
 from voiceloop.registry import Registry
 from voiceloop.settings import Settings, load_settings
 
 __all__ = ["SERVE_ENV", "ServeSpec", "app_from_environment", "app_from_spec", "build_app",
-           "build_state", "run_server", "server_processes"]
+           "build_state", "inference_threads", "run_server", "server_processes"]
 
 log = logging.getLogger(__name__)
 
 SERVE_ENV = "VOICELOOP_SERVE"
 """The environment variable through which each server process gets its :class:`ServeSpec`."""
-
-_METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
 
 class ServeSpec(BaseModel):
     """What a server process builds its app from: the arguments ``voiceloop serve`` got.
@@ -89,17 +86,24 @@ def server_processes(settings: Settings, processes: int | None = None) -> int:
     return n or os.cpu_count() or 1
 
 
+def inference_threads(settings: Settings, processes: int = 1, workers: int | None = None
+                      ) -> int:
+    """Inference threads per server process: ``workers``, else ``serving.workers``, else
+    the cores divided among ``processes`` (at least one)."""
+    cores = os.cpu_count() or 1
+    return workers or settings.serving.workers or max(1, cores // max(1, processes))
+
+
 def build_state(settings: Settings, model_dir: Path | None = None, log_traffic: bool = True,
                 workers: int | None = None, processes: int = 1) -> ServiceState:
     """The service's state: ``model_dir`` served alone (no canary), else the registry's
     ``production`` and ``canary`` aliases; the traffic store at ``settings.traffic_root``
-    unless ``log_traffic`` is off. Inference threads: ``workers``, else
-    ``serving.workers``, else the cores divided among ``processes`` (at least one).
+    unless ``log_traffic`` is off; :func:`inference_threads` of ``processes`` and ``workers``.
 
     Sets this process's torch intra-op threads to ``serving.model_threads`` (a process-wide
     setting: the service should own its process)."""
     s = settings.serving
-    n = workers or s.workers or max(1, (os.cpu_count() or 1) // max(1, processes))
+    n = inference_threads(settings, processes, workers)
     # Torch computes the features (and tensors around the beam search) in the inference
     # threads. Its intra-op pool defaults to one thread per core for *each* calling
     # thread (an OpenMP team per thread, spinning while it waits), so `n` inference
@@ -161,9 +165,9 @@ def run_server(spec: ServeSpec, host: str, port: int, *, quiet: bool = False) ->
         except OSError as exc:
             raise RuntimeError(f"cannot listen on {host}:{port}: {exc}") from exc
     metrics_dir = tempfile.mkdtemp(prefix="voiceloop-metrics-")
-    saved = {k: os.environ.get(k) for k in (SERVE_ENV, _METRICS_ENV)}
+    saved = {k: os.environ.get(k) for k in (SERVE_ENV, METRICS_DIR_ENV)}
     os.environ[SERVE_ENV] = spec.model_dump_json()
-    os.environ[_METRICS_ENV] = metrics_dir  # before any worker imports prometheus_client
+    os.environ[METRICS_DIR_ENV] = metrics_dir  # before any worker imports prometheus_client
     log.info("serving with %d processes on %s:%d", spec.processes, host, port)
     try:
         _Supervisor(spec.processes, options, metrics_dir).run()

@@ -267,24 +267,11 @@ def _example_inputs(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
     return feats, lengths
 
 
-def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path,
-            input_names: Sequence[str], output_names: Sequence[str],
-            dynamic_axes: dict[str, dict[int, str]], *, trace: bool = True) -> None:
-    """Write ``module`` on ``args`` as one ONNX file; ``dynamic_axes`` names the axes
-    (per input and output) that may differ from the example's. ``trace``: the tracing
-    exporter, else torch.export (``dynamo=True``: slower, but no shape is frozen)."""
-    if not trace:
-        dims = {name: torch.export.Dim(name, min=1, max=4096)
-                for axes in dynamic_axes.values() for name in axes.values()}
-        shapes = {k: {ax: dims[n] for ax, n in v.items()}
-                  for k, v in dynamic_axes.items() if k in input_names}
-        torch.onnx.export(
-            module.eval(), args, str(path), dynamo=True, opset_version=OPSET,
-            input_names=list(input_names), output_names=list(output_names),
-            dynamic_shapes=shapes, external_data=False, optimize=True, verbose=False,
-        )
-        _strip_node_metadata(path)
-        return
+def _trace(module: nn.Module, args: tuple[Tensor, ...], path: Path,
+           input_names: Sequence[str], output_names: Sequence[str],
+           dynamic_axes: dict[str, dict[int, str]]) -> None:
+    """``module`` on ``args`` as one ONNX file, by the tracing exporter; ``dynamic_axes``
+    names the axes (per input and output) that may differ from the example's."""
     with warnings.catch_warnings():
         # The tracing exporter is deprecated in favour of dynamo=True (20x slower here,
         # see the module docstring); torch 2.11 is pinned, and its tracer warnings are
@@ -297,6 +284,19 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path,
             input_names=list(input_names), output_names=list(output_names),
             dynamic_axes=dynamic_axes, do_constant_folding=True, verbose=False,
         )
+    _strip_node_metadata(path)
+
+
+def _torch_export(module: nn.Module, args: tuple[Tensor, ...], path: Path,
+                  input_names: Sequence[str], output_names: Sequence[str],
+                  dynamic_shapes: dict[str, dict[int, Any]]) -> None:
+    """``module`` on ``args`` as one ONNX file, through torch.export (``dynamo=True``:
+    slower, but no shape is frozen); weights inside the file (one graph, one file)."""
+    torch.onnx.export(
+        module.eval(), args, str(path), dynamo=True, opset_version=OPSET,
+        input_names=list(input_names), output_names=list(output_names),
+        dynamic_shapes=dynamic_shapes, external_data=False, optimize=True, verbose=False,
+    )
     _strip_node_metadata(path)
 
 
@@ -342,20 +342,21 @@ def export_onnx(package: ModelPackage, out_dir: Path, verify: bool = True,
     cfg = model.cfg
     feats, lengths = _example_inputs(cfg)
     with torch.no_grad():
-        _export(_EncoderGraph(model), (feats, lengths), out_dir / ENCODER_FILE,
-                ENCODER_INPUTS, ENCODER_OUTPUTS,
-                {"feats": {0: "batch", 1: "frames"}, "lengths": {0: "batch"},
-                 "encoder": {0: "batch", 1: "encoder_frames"}, "encoder_lengths": {0: "batch"},
-                 "ctc_logits": {0: "batch", 1: "ctc_frames"}, "intent_logits": {0: "batch"}})
+        _trace(_EncoderGraph(model), (feats, lengths), out_dir / ENCODER_FILE,
+               ENCODER_INPUTS, ENCODER_OUTPUTS,
+               {"feats": {0: "batch", 1: "frames"}, "lengths": {0: "batch"},
+                "encoder": {0: "batch", 1: "encoder_frames"}, "encoder_lengths": {0: "batch"},
+                "ctc_logits": {0: "batch", 1: "ctc_frames"}, "intent_logits": {0: "batch"}})
         if model.parse_decoder is not None:
             enc, enc_lengths, _ = model.encode(feats, lengths)
             example_tokens = torch.tensor([[ParseVocab.BOS, 4, 5], [ParseVocab.BOS, 6, 7]])
-            _export(_DecoderGraph(model), (example_tokens, enc, enc_lengths),
-                    out_dir / DECODER_FILE, DECODER_INPUTS, DECODER_OUTPUTS,
-                    {"tokens": {0: "batch", 1: "tokens"},
-                     "encoder": {0: "batch", 1: "encoder_frames"},
-                     "encoder_lengths": {0: "batch"}, "logits": {0: "batch"}},
-                    trace=False)
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            enc_frames = torch.export.Dim("encoder_frames", min=1)
+            tokens = torch.export.Dim("tokens", min=1, max=cfg.max_parse_len + 1)
+            _torch_export(_DecoderGraph(model), (example_tokens, enc, enc_lengths),
+                          out_dir / DECODER_FILE, DECODER_INPUTS, DECODER_OUTPUTS,
+                          {"tokens": {0: batch, 1: tokens}, "encoder": {0: batch, 1: enc_frames},
+                           "encoder_lengths": {0: batch}})
     config = _package_config(package)
     config["onnx"] = {
         "format": BUNDLE_FORMAT, "encoder": ENCODER_FILE,

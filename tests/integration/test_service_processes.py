@@ -1,5 +1,5 @@
-"""`voiceloop serve --processes 2`: two uvicorn worker processes on one port, started by
-the real CLI against a tiny int8 bundle — every request answered, Prometheus counts summed
+"""`voiceloop serve --processes 2`: two server processes on one port (each its own
+SO_REUSEPORT socket), started by the real CLI against a tiny int8 bundle — every request answered, Prometheus counts summed
 over the processes, every request in a committed traffic batch after SIGINT."""
 
 from __future__ import annotations
