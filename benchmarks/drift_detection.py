@@ -740,6 +740,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override monitoring.drift.calibration.quantile (what-if)")
     p.add_argument("--calibration-margin", type=float, default=None,
                    help="override monitoring.drift.calibration.margin (what-if)")
+    p.add_argument("--pca-components", type=int, default=None,
+                   help="override monitoring.drift.embedding.pca_components (what-if; the "
+                        "embedding threshold is calibrated either way)")
     p.add_argument("--judge", choices=("scores", "report"), default="scores",
                    help="scores: signal_scores + decide_drift, decisive windows re-judged "
                         "by detect_drift; report: detect_drift on every window (slow)")
@@ -811,6 +814,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if rule:  # validated by the settings model (ValueError names a bad value)
             drift = drift.model_copy(update={"calibration": type(drift.calibration)
                                              .model_validate(drift.calibration.model_dump() | rule)})
+        if args.pca_components is not None:
+            drift = drift.model_copy(update={"embedding": type(drift.embedding).model_validate(
+                drift.embedding.model_dump() | {"pca_components": args.pca_components})})
         t0 = time.perf_counter()
         thresholds = calibrate(reference, cal, drift, cfg.calibration_windows, seed)
         calibrated = thresholds.apply(drift)
@@ -839,7 +845,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          cfg.big_window, seed)
         t0 = time.perf_counter()
         decision, result = detect_drift(reference, big, window_settings(
-            thresholds.apply(settings.monitoring.drift), cfg.big_window),
+            thresholds.apply(drift), cfg.big_window),
             report_dir=work / "big-report", model_version=predictor.version, seed=seed)
         big_result = {"rows": len(big), "seconds": round(time.perf_counter() - t0, 2),
                       "parts_s": result.seconds, "drifted": decision.drifted,
@@ -858,6 +864,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "calibration": {"pool_rows": len(cal), "windows": thresholds.windows,
                         "window_rows": thresholds.window_rows, "quantile": thresholds.quantile,
                         "margin": thresholds.margin, "seconds": round(calibration_s, 1),
+                        "embedding": drift.embedding.model_dump(exclude={"threshold"}),
                         "thresholds": {**thresholds.numerical, **thresholds.categorical,
                                        "embeddings": thresholds.embedding,
                                        "max_accuracy_drop": thresholds.max_accuracy_drop}},

@@ -543,7 +543,7 @@ class EmbeddingDriftSettings(_Strict):
     ``mmd``, ``ratio``, ``model``: see ``embedding_drift_methods``), all scored
     higher-is-drift against ``threshold``. The ``distance`` threshold is tied to the
     sample size: with no drift the distance between the two means of ``k`` whitened
-    components is about ``sqrt(2 k / sample_rows)`` (0.18 for 16 components and 1000
+    components is about ``sqrt(2 k / sample_rows)`` (0.31 for 48 components and 1000
     rows), so change ``threshold`` with ``sample_rows`` (or calibrate it). With fewer
     than ``min_rows`` comparable rows on either side (same ``embedding_model`` as the
     reference, finite values) the signal is skipped.
@@ -552,9 +552,9 @@ class EmbeddingDriftSettings(_Strict):
     method: Literal["distance", "mmd", "ratio", "model"] = "distance"
     distance: Literal["euclidean", "cosine", "cityblock", "chebyshev"] = "euclidean"
     sample_rows: int = Field(1000, ge=50, le=2500)
-    pca_components: int = Field(16, ge=0)
+    pca_components: int = Field(48, ge=0)
     min_rows: int = Field(200, ge=10)
-    threshold: float = Field(0.3, gt=0)
+    threshold: float = Field(0.5, gt=0)
 
 
 class CalibrationSettings(_Strict):

@@ -8,6 +8,7 @@ next to realised accuracy from a real annotation store; calibration; the referen
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +42,15 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def settings() -> DriftSettings:
     """params.yaml's rule with a smaller embedding sample (tests stay fast). The
-    embedding threshold moves with it: the no-drift distance between two means of 16
-    whitened components is about sqrt(2 * 16 / rows per side), 0.33 at 300 rows."""
+    embedding threshold moves with it: the no-drift distance between two means of k
+    whitened components is about sqrt(2 k / rows per side) (0.57 for params.yaml's 48
+    components at 300 rows); the threshold is 1.5 times that."""
     # the full profile's window (2000 rows, 500 minimum): the tiny profile shrinks the
     # window for the e2e loop, which would make every window here "sufficient"
     base = load_settings(profile="full").monitoring.drift
+    rows, k = 300, min(base.embedding.pca_components or DIM, DIM)
     return base.model_copy(update={"embedding": base.embedding.model_copy(
-        update={"sample_rows": 300, "threshold": 0.5})})
+        update={"sample_rows": rows, "threshold": 1.5 * math.sqrt(2 * k / rows)})})
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +150,8 @@ def test_embedding_shift_is_embedding_drift(reference: pd.DataFrame,
     assert decision.drifted and decision.reasons == ["embedding drift"]
     emb = result.signal("embeddings")
     assert emb.drifted and emb.metric == "EmbeddingsDrift(embeddings_name=encoder)"
-    assert "whitened PCA 96→16" in emb.detail and result.embedding_rows == (300, 300)
+    assert f"whitened PCA 96→{settings.embedding.pca_components}" in emb.detail
+    assert result.embedding_rows == (300, 300)
     # the same window and seed give the same score (the sample is seeded); a
     # same-distribution window scores far lower (fast path: no second t-SNE map)
     assert signal_scores(reference, current, settings, seed=7)["embeddings"] == emb.score
