@@ -11,7 +11,10 @@ What runs:
    utterance, ``--ceiling-runs`` times (after a warm-up); ceiling = ``os.cpu_count()`` ÷
    the median CPU time: the requests per second the machine could answer if every core
    did nothing but run the model. Measured before the load and again after it (the two
-   series are pooled), so a change in background load shows up as a spread.
+   series are pooled: the headline ceiling), and ``--bracket-runs`` times right before
+   and right after each level: each level's share of the ceiling is taken against its
+   own bracket, because this machine's speed drifts by ±20 % within a minute (shared
+   cores) and a ceiling measured a minute earlier would misstate the share.
 3. **Server**: ``python -m voiceloop.cli serve --model BUNDLE --host 127.0.0.1 --port P
    --workspace TMP --quiet --processes N --set serving.max_batch=B`` as a separate process
    (traffic logging on, into ``TMP/traffic``; ``--processes`` / ``--max-batch`` default to
@@ -145,30 +148,35 @@ def _wav(samples: np.ndarray) -> bytes:
 # -- the compute ceiling -------------------------------------------------------------------
 
 
-def _model_cpu(bundle: Path, bodies: list[bytes], runs: int, warmup: int) -> dict[str, Any]:
+class _ModelCpu:
     """CPU seconds of one ``predict_waveforms`` call on one thread (the audio decoded from
-    the very WAV bodies the clients send)."""
-    import io
+    the very WAV bodies the clients send), measured in this process."""
 
-    import soundfile as sf
-    import torch
+    def __init__(self, bundle: Path, bodies: list[bytes], warmup: int) -> None:
+        import io
 
-    from model.inference.onnx import load_predictor
+        import soundfile as sf
+        import torch
 
-    torch.set_num_threads(1)
-    predictor = load_predictor(bundle, batch_size=1, threads=1)
-    waves = [sf.read(io.BytesIO(b), dtype="float32")[0] for b in bodies]
-    for i in range(warmup):
-        predictor.predict_waveforms(["w"], [waves[i % len(waves)]], [_RATE])
-    cpu, wall = [], []
-    for i in range(runs):
-        w = waves[i % len(waves)]
-        c0, t0 = time.process_time(), time.perf_counter()
-        predictor.predict_waveforms([f"c{i}"], [w], [_RATE])
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - t0)
-    return {"cpu_s": cpu, "wall_s": wall, "version": predictor.version,
-            "lm": predictor.transcriber is not None}
+        from model.inference.onnx import load_predictor
+
+        torch.set_num_threads(1)
+        self.predictor = load_predictor(bundle, batch_size=1, threads=1)
+        self.waves = [sf.read(io.BytesIO(b), dtype="float32")[0] for b in bodies]
+        self.version = self.predictor.version
+        self.lm = self.predictor.transcriber is not None
+        for i in range(warmup):
+            self.predictor.predict_waveforms(["w"], [self.waves[i % len(self.waves)]], [_RATE])
+
+    def measure(self, runs: int) -> dict[str, list[float]]:
+        cpu, wall = [], []
+        for i in range(runs):
+            w = self.waves[i % len(self.waves)]
+            c0, t0 = time.process_time(), time.perf_counter()
+            self.predictor.predict_waveforms([f"c{i}"], [w], [_RATE])
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - t0)
+        return {"cpu_s": cpu, "wall_s": wall}
 
 
 # -- the server ----------------------------------------------------------------------------
@@ -293,6 +301,7 @@ class _Level:
     process_shares: list[float] = field(default_factory=list)
     client_cpu_s: float = 0.0
     other_cpu_s: float = 0.0
+    ceiling_cpu_s: list[float] = field(default_factory=list)  # model CPU right around it
 
 
 async def _drive(port: int, bodies: list[bytes], level: _Level, requests: int,
@@ -365,9 +374,10 @@ def _pct(values: list[float], q: float, scale: float = 1.0) -> float | None:
     return round(float(np.percentile(values, q)) * scale, 2) if values else None
 
 
-def _level_row(level: _Level, ceiling_rps: float) -> dict[str, Any]:
+def _level_row(level: _Level, cores: int) -> dict[str, Any]:
     ok = len(level.latencies_s)
     rps = ok / level.wall_s if level.wall_s > 0 else 0.0
+    ceiling_rps = cores / float(np.median(level.ceiling_cpu_s))
     return {
         "clients": level.clients,
         "sent": level.sent,
@@ -377,6 +387,7 @@ def _level_row(level: _Level, ceiling_rps: float) -> dict[str, Any]:
         "answer_mismatches": level.mismatches,
         "wall_s": round(level.wall_s, 2),
         "throughput_rps": round(rps, 2),
+        "ceiling_rps": round(ceiling_rps, 2),
         "share_of_ceiling": round(rps / ceiling_rps, 3),
         "client_p50_ms": _pct(level.latencies_s, 50, 1000),
         "client_p95_ms": _pct(level.latencies_s, 95, 1000),
@@ -407,14 +418,14 @@ def _table(result: dict[str, Any]) -> str:
          f"loop {srv['loop']}, http {srv['http']}; load average at start "
          f"{result['machine']['loadavg_start']}, end {result['machine']['loadavg_end']}"),
         "",
-        (f"{'clients':>7} {'ok':>5} {'err':>4} {'req/s':>7} {'ceil%':>6} {'p50':>7} {'p95':>7} "
+        (f"{'clients':>7} {'ok':>5} {'err':>4} {'req/s':>7} {'ceil':>6} {'ceil%':>6} {'p50':>7} {'p95':>7} "
          f"{'p99':>7} {'srv p50':>8} {'srv p99':>8} {'srv CPU/req':>11} {'cli CPU/req':>11} "
          f"{'others':>6}  split"),
     ]
     for r in result["levels"]:
         lines.append(
             f"{r['clients']:>7} {r['ok']:>5} {r['errors']:>4} {r['throughput_rps']:>7.1f} "
-            f"{100 * r['share_of_ceiling']:>5.1f}% {r['client_p50_ms']:>7.1f} "
+            f"{r['ceiling_rps']:>6.1f} {100 * r['share_of_ceiling']:>5.1f}% {r['client_p50_ms']:>7.1f} "
             f"{r['client_p95_ms']:>7.1f} {r['client_p99_ms']:>7.1f} {r['server_p50_ms']:>8.1f} "
             f"{r['server_p99_ms']:>8.1f} {r['server_cpu_ms_per_request']:>9.2f}ms "
             f"{r['client_cpu_ms_per_request']:>9.2f}ms {r['other_processes_cpu_cores_busy']:>6.2f}  "
@@ -424,7 +435,8 @@ def _table(result: dict[str, Any]) -> str:
                  f"{t['dropped']}; missing {t['missing']}; {t['batches']} committed batches; "
                  f"server stopped with SIGINT in {t['shutdown_s']:.1f} s (exit {t['exit_code']})")
     lines.append("")
-    lines.append("(latencies in ms; srv = latency_ms the server reports; CPU/req = CPU time of "
+    lines.append("(latencies in ms; ceil = the level's ceiling in req/s, from the model CPU time "
+                 "measured right before and after it; srv = latency_ms the server reports; CPU/req = CPU time of "
                  "the server process / of this client per answered request; others = cores "
                  "busy with other processes during the level; split = % of the server's CPU "
                  "per server process)")
@@ -486,7 +498,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     bodies = [_wav(a) for a in audio]
     print(f"serving {bundle} ({kind}); audio: {source}", flush=True)
 
-    before = _model_cpu(bundle, bodies, args.ceiling_runs, warmup=10)
+    model_cpu = _ModelCpu(bundle, bodies, warmup=10)
+    before = model_cpu.measure(args.ceiling_runs)
     print(f"model CPU per prediction: {1000 * np.median(before['cpu_s']):.2f} ms "
           f"(wall {1000 * np.median(before['wall_s']):.2f} ms)", flush=True)
 
@@ -513,8 +526,12 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         print(f"server pid {proc.pid} ready in {ready_s:.1f} s on port {port}", flush=True)
         warm = _run_level(proc.pid, port, bodies, 2, args.warmup, 30, args.timeout, answers)
         for n in args.levels:
+            # The machine's speed drifts within a run (shared cores): each level's share is
+            # taken against the ceiling measured right before and right after it.
+            bracket = model_cpu.measure(args.bracket_runs)["cpu_s"]
             level = _run_level(proc.pid, port, bodies, n, args.requests, args.max_seconds,
                                args.timeout, answers)
+            level.ceiling_cpu_s = bracket + model_cpu.measure(args.bracket_runs)["cpu_s"]
             levels.append(level)
             ok = len(level.latencies_s)
             print(f"  {n:>2} clients: {ok} ok, {sum(level.errors.values())} errors, "
@@ -532,7 +549,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         shutdown_s = time.perf_counter() - stop
     server_log = log_path.read_text(errors="replace")
 
-    after = _model_cpu(bundle, bodies, max(args.ceiling_runs // 2, 10), warmup=5)
+    after = model_cpu.measure(max(args.ceiling_runs // 2, 10))
     cpu_all = before["cpu_s"] + after["cpu_s"]
     cores = os.cpu_count() or 1
     cpu_median = float(np.median(cpu_all))
@@ -548,7 +565,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     logged = len(sent_ids & logged_ids)
     missing = len(sent_ids - logged_ids)
 
-    rows = [_level_row(lv, ceiling) for lv in levels]
+    rows = [_level_row(lv, cores) for lv in levels]
     errors = sum(r["errors"] for r in rows) + sum(warm.errors.values())
     at = next((r for r in rows if r["clients"] == _TARGET_LEVEL), None)
     targets = {
@@ -574,8 +591,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                     "cpu_pressure_start": pressure_start, "cpu_pressure_end": _cpu_pressure()},
         "versions": _versions(),
-        "model": {"path": str(bundle), "kind": kind, "version": before["version"],
-                  "lm": before["lm"], "int8": _is_int8(bundle)},
+        "model": {"path": str(bundle), "kind": kind, "version": model_cpu.version,
+                  "lm": model_cpu.lm, "int8": _is_int8(bundle)},
         "audio": {"source": source, "seconds": _SECONDS, "sample_rate": _RATE,
                   "body_bytes": len(bodies[0]), "format": "WAV PCM_16 mono"},
         "setup": {"levels": args.levels, "requests_per_level": args.requests,
@@ -633,7 +650,11 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=60.0, help="seconds per level at most")
     parser.add_argument("--warmup", type=int, default=40, help="requests before the first level")
     parser.add_argument("--utterances", type=int, default=64)
-    parser.add_argument("--ceiling-runs", type=int, default=100)
+    parser.add_argument("--ceiling-runs", type=int, default=100,
+                        help="model calls timed before the load (and half as many after)")
+    parser.add_argument("--bracket-runs", type=int, default=40,
+                        help="model calls timed right before and right after each level: "
+                             "that level's ceiling")
     parser.add_argument("--workers", type=int, default=0,
                         help="inference threads per server process (default: serving.workers)")
     parser.add_argument("--processes", type=int, default=None,

@@ -102,7 +102,7 @@ class TrafficRecord(BaseModel):
         duration_s: audio duration after decoding.
         sample_rate: the uploaded audio's sample rate (Hz).
         audio_format: ``wav``, ``flac`` or ``ogg`` as uploaded.
-        audio: path of the stored FLAC, relative to the traffic store root.
+        audio: path of the stored audio file (WAV or FLAC), relative to the traffic store root.
         kind: ``request``; feedback rows are ``feedback`` (then ``feedback_kind`` and
             ``feedback_text`` are set and the answer fields are empty).
     """

@@ -4,12 +4,13 @@ running it in one or several server processes.
 Used by ``voiceloop serve``, the integration tests and ``benchmarks/serving_load.py``, so
 all three run the same thing.
 
-Several processes (``serving.processes``) share one port: a supervisor spawns the worker
-processes, each of which binds its own socket to the port with ``SO_REUSEPORT`` (the
-kernel spreads connections over them; see :class:`_Supervisor` for why not uvicorn's
-``--workers``) and builds its own app from the :class:`ServeSpec` in
-``$VOICELOOP_SERVE`` — its own predictors, registry watcher and traffic writer (batch
-ids are unique per writer, so the processes' batches never collide). Prometheus counters
+Several processes (``serving.processes``) share one port: a supervisor listens on it,
+spawns the worker processes and hands each accepted connection to the worker with the
+fewest open connections (the file descriptor over a Unix socket; see :class:`_Supervisor`
+for why neither uvicorn's ``--workers`` nor ``SO_REUSEPORT``). Each worker builds its own
+app from the :class:`ServeSpec` in ``$VOICELOOP_SERVE`` — its own predictors, registry
+watcher and traffic writer (batch ids are unique per writer, so the processes' batches
+never collide). Prometheus counters
 are then summed over the processes (``prometheus_client``'s multiprocess mode, in a
 temporary folder named by ``$PROMETHEUS_MULTIPROC_DIR``). A canary share changed through
 ``PUT /admin/canary`` reaches the process that answered at once and the others at their
@@ -18,6 +19,7 @@ next registry poll (``serving.poll_seconds``), as a change made in the MLflow UI
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import multiprocessing
@@ -26,11 +28,13 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
 
@@ -138,15 +142,14 @@ def app_from_environment() -> FastAPI:
 
 def run_server(spec: ServeSpec, host: str, port: int, *, quiet: bool = False) -> None:
     """Serve until interrupted: in this process when ``spec.processes`` is 1, else in
-    ``spec.processes`` worker processes (see the module docstring). Each process flushes
-    its traffic writer on shutdown (SIGINT/SIGTERM).
+    ``spec.processes`` worker processes behind a supervisor that listens on the port (see
+    the module docstring). Each process flushes its traffic writer on shutdown
+    (SIGINT/SIGTERM).
 
     Raises:
         ValueError: port 0 with several processes.
         RuntimeError: the port is taken, or a worker process exited while starting.
     """
-    import uvicorn
-
     options = {"host": host, "port": port, "log_level": "warning" if quiet else "info",
                "access_log": not quiet}
     if spec.processes == 1:
@@ -155,23 +158,23 @@ def run_server(spec: ServeSpec, host: str, port: int, *, quiet: bool = False) ->
     if port == 0:
         raise ValueError("port 0 (any free port) cannot be shared by several processes: "
                          "give a port, or serve with one process")
-    # SO_REUSEPORT would let the workers join another server already on this port (and
-    # split its traffic): make sure nothing listens there first. (Two supervisors started
-    # in the same second could both pass; the workers bind a few seconds later.)
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise RuntimeError(f"cannot listen on {host}:{port}: {exc}") from exc
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise RuntimeError(f"cannot listen on {host}:{port}: {exc}") from exc
+    listener.listen(2048)
     metrics_dir = tempfile.mkdtemp(prefix="voiceloop-metrics-")
     saved = {k: os.environ.get(k) for k in (SERVE_ENV, METRICS_DIR_ENV)}
     os.environ[SERVE_ENV] = spec.model_dump_json()
     os.environ[METRICS_DIR_ENV] = metrics_dir  # before any worker imports prometheus_client
     log.info("serving with %d processes on %s:%d", spec.processes, host, port)
     try:
-        _Supervisor(spec.processes, options, metrics_dir).run()
+        _Supervisor(spec.processes, options, metrics_dir, listener).run()
     finally:
+        listener.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         for key, value in saved.items():
             if value is None:
@@ -180,14 +183,60 @@ def run_server(spec: ServeSpec, host: str, port: int, *, quiet: bool = False) ->
                 os.environ[key] = value
 
 
-def _worker(options: dict[str, Any], supervisor: int) -> None:
-    """One server process: its own listening socket on the shared port (SO_REUSEPORT),
-    its app from ``$VOICELOOP_SERVE``; uvicorn shuts it down gracefully on SIGINT/SIGTERM.
-    ``supervisor``: the pid whose death means this process must stop too."""
-    import threading
+class _HandedServer(uvicorn.Server):
+    """A uvicorn server without a listening socket: it serves the connections the
+    supervisor hands over ``channel`` (one file descriptor per ``SCM_RIGHTS`` message),
+    counts each one that closes in ``closed`` and sets ``ready`` once it serves."""
 
-    import uvicorn
+    def __init__(self, config: uvicorn.Config, channel: socket.socket, closed: Any,
+                 ready: Any) -> None:
+        super().__init__(config)
+        self.channel, self.closed, self.ready = channel, closed, ready
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=[])
+        loop = asyncio.get_running_loop()
+        closed = self.closed
+
+        class Counted(self.config.http_protocol_class):  # type: ignore[misc, name-defined]
+            def connection_lost(self, exc: Exception | None) -> None:
+                super().connection_lost(exc)
+                closed.value += 1  # this process is its only writer
+
+        def protocol() -> asyncio.Protocol:
+            return Counted(config=self.config, server_state=self.server_state,
+                           app_state=self.lifespan.state)
+
+        def receive() -> None:
+            while True:
+                try:
+                    msg, fds, _, _ = socket.recv_fds(self.channel, 16, 4)
+                except (BlockingIOError, InterruptedError):
+                    return
+                if not msg:  # the supervisor closed the channel
+                    loop.remove_reader(self.channel.fileno())
+                    return
+                for fd in fds:
+                    loop.create_task(loop.connect_accepted_socket(
+                        protocol, socket.socket(fileno=fd)))
+
+        self.channel.setblocking(False)
+        loop.add_reader(self.channel.fileno(), receive)
+        self.ready.value = 1
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.ready.value = 0
+        with contextlib.suppress(ValueError, OSError):  # not added, or already closed
+            asyncio.get_running_loop().remove_reader(self.channel.fileno())
+        await super().shutdown(sockets=sockets)
+
+
+def _worker(options: dict[str, Any], supervisor: int, channel: socket.socket, closed: Any,
+            ready: Any) -> None:
+    """One server process: serves the connections the supervisor hands it (see
+    :class:`_HandedServer`) with its app from ``$VOICELOOP_SERVE``; uvicorn shuts it down
+    gracefully on SIGINT/SIGTERM. ``supervisor``: the pid whose death means this process
+    must stop too."""
     # Signals come from the supervisor, once: in a process group of its own, a Ctrl-C at
     # the terminal does not reach this process directly — a second SIGINT would make
     # uvicorn skip the app's shutdown, i.e. the traffic writer's last flush.
@@ -199,15 +248,10 @@ def _worker(options: dict[str, Any], supervisor: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=orphaned, name="supervisor-watch", daemon=True).start()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((options["host"], options["port"]))
-    sock.set_inheritable(True)
     config = uvicorn.Config(app_from_environment, factory=True, **options)
     # uvicorn re-raises the SIGINT it shut down on (after the app's shutdown ran).
     with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.Server(config).run(sockets=[sock])
+        _HandedServer(config, channel, closed, ready).run()
 
 
 _START_GRACE_S = 60.0
@@ -215,33 +259,94 @@ _START_GRACE_S = 60.0
 restart loop on a port in use or a broken model); one that exits later is restarted."""
 
 
-class _Supervisor:
-    """Starts ``count`` :func:`_worker` processes, restarts one that dies after it had
-    started, and on SIGINT or SIGTERM asks each once to shut down gracefully and waits.
+class _Slot:
+    """One worker process and what the supervisor knows of it."""
 
-    Each worker binds its own socket with ``SO_REUSEPORT``, so the kernel spreads new
-    connections over the processes. uvicorn's own ``--workers`` shares one socket
-    instead, and the first process to wake accepts every pending connection: in the load
-    benchmark, 4 keep-alive clients all landed on one of two processes (99 % of the
-    server's CPU in one), which then served them at one process's rate.
+    def __init__(self, ctx: Any) -> None:
+        self.closed = ctx.RawValue("q", 0)  # connections the worker saw close
+        self.ready = ctx.RawValue("b", 0)   # 1 while the worker serves
+        self.handed = 0                     # connections handed to it
+        self.channel: socket.socket | None = None
+        self.proc: multiprocessing.process.BaseProcess | None = None
+        self.started = 0.0
+
+    def open_connections(self) -> int:
+        return self.handed - int(self.closed.value)
+
+
+class _Supervisor:
+    """Listens on the port, starts ``count`` :func:`_worker` processes, hands each
+    accepted connection to the ready worker with the fewest open connections, restarts a
+    worker that dies after it had started, and on SIGINT or SIGTERM stops accepting, asks
+    each worker once to shut down gracefully and waits.
+
+    Why the supervisor accepts: a keep-alive connection stays with the process that
+    accepted it, so its requests queue behind that process's other connections. With
+    uvicorn's ``--workers`` (one shared socket) the first process to wake took every
+    pending connection (in the load benchmark, 4 clients all on one of two processes);
+    with ``SO_REUSEPORT`` the kernel hashes connections over the processes, and 16
+    clients split 9/7 or 10/6 as often as 8/8 — the busier process's clients then waited
+    up to 60 % longer (p99 200 vs 130 ms). Least-connections keeps the split even.
     """
 
-    def __init__(self, count: int, options: dict[str, Any], metrics_dir: str) -> None:
+    def __init__(self, count: int, options: dict[str, Any], metrics_dir: str,
+                 listener: socket.socket) -> None:
         self.count, self.options, self.metrics_dir = count, options, metrics_dir
+        self.listener = listener
         self._ctx = multiprocessing.get_context("spawn")
         self._stop_signal: int | None = None
-        self._procs: list[tuple[multiprocessing.process.BaseProcess, float]] = []
+        self._slots = [_Slot(self._ctx) for _ in range(count)]
+        self._lock = threading.Lock()  # slots' channel / handed, between the two threads
+        self._stopping = threading.Event()
         self._signalled: set[int] = set()
 
-    def _start(self) -> tuple[multiprocessing.process.BaseProcess, float]:
-        proc = self._ctx.Process(target=_worker, args=(self.options, os.getpid()),
-                                 name="voiceloop-serve")
+    def _start(self, slot: _Slot) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        slot.closed.value, slot.ready.value = 0, 0
+        proc = self._ctx.Process(target=_worker, name="voiceloop-serve", args=(
+            self.options, os.getpid(), child, slot.closed, slot.ready))
         proc.start()
-        return proc, time.monotonic()
+        child.close()
+        with self._lock:
+            slot.proc, slot.started, slot.channel, slot.handed = proc, time.monotonic(), parent, 0
+
+    def _hand(self, conn: socket.socket) -> None:
+        """Give ``conn`` to the ready worker with the fewest open connections (any live
+        one while none is ready: it waits in the channel until that worker serves)."""
+        with self._lock:
+            live = [s for s in self._slots if s.channel is not None]
+            ready = [s for s in live if s.ready.value] or live
+            for slot in sorted(ready, key=_Slot.open_connections):
+                assert slot.channel is not None
+                try:
+                    socket.send_fds(slot.channel, [b"c"], [conn.fileno()])
+                except OSError:  # that worker just died: try the next one
+                    continue
+                slot.handed += 1
+                return
+        log.warning("no server process to take a connection: closing it")
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.5)  # to notice a stop without closing the socket here
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                log.exception("accepting a connection failed")
+                time.sleep(0.1)
+                continue
+            with conn:
+                self._hand(conn)
 
     def _signal_all(self, signum: int) -> None:
-        for proc, _ in self._procs:
-            if proc.pid is not None and proc.pid not in self._signalled and proc.is_alive():
+        for slot in self._slots:
+            proc = slot.proc
+            if (proc is not None and proc.pid is not None and proc.pid not in self._signalled
+                    and proc.is_alive()):
                 self._signalled.add(proc.pid)
                 os.kill(proc.pid, signum)
 
@@ -252,40 +357,58 @@ class _Supervisor:
 
             multiprocess.mark_process_dead(pid, self.metrics_dir)
 
+    def _retire(self, slot: _Slot) -> None:
+        with self._lock:
+            if slot.channel is not None:
+                slot.channel.close()
+                slot.channel = None
+
     def run(self) -> None:
         def stop(signum: int, _frame: Any) -> None:
             if self._stop_signal is None:  # repeats ignored: see _worker
                 self._stop_signal = signum
+                self._stopping.set()
                 self._signal_all(signum)
 
         # Handlers first: a signal while the workers start is then still forwarded.
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        acceptor = threading.Thread(target=self._accept, name="voiceloop-accept", daemon=True)
         try:
-            for _ in range(self.count):
+            for slot in self._slots:
                 if self._stop_signal is None:
-                    self._procs.append(self._start())
+                    self._start(slot)
+            acceptor.start()
             while self._stop_signal is None:
                 time.sleep(0.5)
-                for i, (proc, started) in enumerate(self._procs):
-                    if proc.is_alive() or self._stop_signal is not None:
+                for slot in self._slots:
+                    proc = slot.proc
+                    if proc is None or proc.is_alive() or self._stop_signal is not None:
                         continue
+                    self._retire(slot)
                     self._forget(proc.pid)
-                    if time.monotonic() - started < _START_GRACE_S:
+                    if time.monotonic() - slot.started < _START_GRACE_S:
                         raise RuntimeError(f"server process {proc.pid} exited with code "
-                                           f"{proc.exitcode} while starting (port in use? "
-                                           "see the log above)")
+                                           f"{proc.exitcode} while starting (see the log "
+                                           "above)")
                     log.error("server process %s exited with code %s; starting another",
                               proc.pid, proc.exitcode)
-                    self._procs[i] = self._start()
+                    self._start(slot)
         finally:
-            # Every live worker gets one signal — also one started while a stop arrived,
-            # and all of them when a failure ends the loop.
+            # No new connections first; then every live worker gets one signal — also one
+            # started while a stop arrived, and all of them when a failure ends the loop.
+            self._stopping.set()
+            if acceptor.is_alive():
+                acceptor.join(5)
             self._signal_all(self._stop_signal or signal.SIGTERM)
-            for proc, _ in self._procs:
+            for slot in self._slots:
+                proc = slot.proc
+                if proc is None:
+                    continue
                 proc.join(60)
                 if proc.is_alive():
                     proc.kill()
                     proc.join()
+                self._retire(slot)
                 self._forget(proc.pid)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -443,10 +443,15 @@ class TrafficSettings(_Strict):
     ``sample``: fraction of requests logged (0–1). The background writer commits a batch
     every ``batch_max_records`` records or ``batch_max_seconds`` seconds, whichever comes
     first; a request arriving while ``queue_max`` records wait is counted as dropped.
+    ``audio_format``: the container of the stored mono 16-bit audio — ``wav`` (no
+    encoding) or ``flac`` (lossless, smaller, but its encoder runs in the serving process
+    and costs a saturated service ~10 % of its throughput; see the README's serving
+    figures).
     """
 
     root: str | None = None
     sample: float = Field(1.0, ge=0, le=1)
+    audio_format: Literal["wav", "flac"] = "wav"
     batch_max_records: int = Field(256, ge=1)
     batch_max_seconds: float = Field(2.0, gt=0)
     queue_max: int = Field(4096, ge=1)
@@ -460,7 +465,8 @@ class ServingSettings(_Strict):
     whose RMS level is below ``silence_dbfs`` is answered 200 with ``clarify: true`` and
     an empty transcript, without running the model. ``poll_seconds``: how often registry
     aliases and the canary share are re-read. ``processes``: server processes sharing
-    the port (each its own SO_REUSEPORT socket; 0 = one per core): the LM beam search
+    the port (a supervisor accepts and hands each connection to the process with the
+    fewest open ones; 0 = one per core): the LM beam search
     holds Python's GIL, so one process cannot keep two cores busy. ``workers``: inference threads per
     process (0 = the cores divided among the processes, at least one); each ONNX Runtime
     session uses ``model_threads`` intra-op threads. ``max_batch``: requests that

@@ -1,6 +1,8 @@
-"""`voiceloop serve --processes 2`: two server processes on one port (each its own
-SO_REUSEPORT socket), started by the real CLI against a tiny int8 bundle — every request answered, Prometheus counts summed
-over the processes, every request in a committed traffic batch after SIGINT."""
+"""`voiceloop serve --processes 2`: two server processes behind one port (the supervisor
+accepts and hands each connection to the process with the fewest open ones), started by
+the real CLI against a tiny int8 bundle — every request answered, keep-alive connections
+split evenly, Prometheus counts summed over the processes, every request in a committed
+traffic batch after SIGINT."""
 
 from __future__ import annotations
 
@@ -46,6 +48,23 @@ def _cpu(pid: int) -> float:
     """User + system CPU seconds of ``pid``."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _connection_owners(port: int, pids: list[int]) -> dict[int, int]:
+    """Established server-side connections on ``port`` per process in ``pids`` (read
+    from /proc/net/tcp and each process's open file descriptors)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, inode = fields[1], fields[3], fields[9]
+        if int(local.split(":")[1], 16) == port and state == "01":  # 01: ESTABLISHED
+            inodes.add(f"socket:[{inode}]")
+    owners = {}
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        owners[pid] = sum(1 for fd in fd_dir.iterdir()
+                          if os.path.exists(fd) and os.readlink(fd) in inodes)
+    return owners
 
 
 def _metric(text: str, name: str) -> float:
@@ -98,15 +117,29 @@ def test_two_processes_answer_count_together_and_log_every_request(tmp_path: Pat
         used = {pid: _cpu(pid) - cpu_before[pid] for pid in workers}
         assert min(used.values()) >= 0.2 * max(used.values()), used
 
+        # Keep-alive connections are split evenly (the kernel's SO_REUSEPORT hash split
+        # 16 of them 9/7 or 10/6 as often as 8/8).
+        clients = [httpx.Client(timeout=30) for _ in range(6)]
+        try:
+            for client in clients:
+                r = client.post(f"{url}/v1/understand", content=body,
+                                headers={"content-type": "audio/wav"})
+                assert r.status_code == 200
+                sent.add(r.json()["request_id"])
+            assert sorted(_connection_owners(port, workers).values()) == [3, 3]
+        finally:
+            for client in clients:
+                client.close()
+
         # Whichever process answers /metrics reports both processes' counts.
         deadline = time.monotonic() + 20
         while True:
             text = httpx.get(f"{url}/metrics", timeout=5).text
-            if _metric(text, "voiceloop_traffic_logged") == REQUESTS:
+            if _metric(text, "voiceloop_traffic_logged") == len(sent):
                 break
             assert time.monotonic() < deadline, text
             time.sleep(0.5)
-        assert _metric(text, "voiceloop_requests_total") == REQUESTS
+        assert _metric(text, "voiceloop_requests_total") == len(sent)
         assert _metric(text, "voiceloop_traffic_dropped") == 0
     finally:
         proc.send_signal(signal.SIGINT)

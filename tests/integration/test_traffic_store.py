@@ -1,6 +1,6 @@
 """The production-traffic store through a real background writer, on a local folder and
 on fsspec's in-memory filesystem: committed batches hold every accepted record exactly
-once, audio round-trips through FLAC, crash leftovers stay invisible, the queue bound and
+once, audio round-trips through WAV and FLAC, crash leftovers stay invisible, the queue bound and
 the sampling fraction hold, and the counters always balance:
 
     submitted = sampled_out + dropped + logged + failed + queue_depth
@@ -19,6 +19,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 import pytest
+import soundfile as sf
 
 from model.data.manifest import Slot
 from serving import traffic
@@ -86,12 +87,13 @@ def test_schema_covers_the_record_contract() -> None:
     assert TRAFFIC_SCHEMA.names == list(TrafficRecord.model_fields)
 
 
-def test_300_records_round_trip(tmp_path) -> None:
+@pytest.mark.parametrize("audio_format", ["wav", "flac"])
+def test_300_records_round_trip(tmp_path, audio_format: str) -> None:
     root = str(tmp_path / "traffic")
     rng = np.random.default_rng(0)
     audio = {i: rng.uniform(-1.2, 1.2, 800 + i).astype(np.float32) for i in range(300)}
     records = {i: _record(i, T0 + timedelta(seconds=0.5 * i)) for i in range(300)}
-    with TrafficWriter(root, _settings(batch_max_records=64)) as writer:
+    with TrafficWriter(root, _settings(batch_max_records=64, audio_format=audio_format)) as writer:
         accepted = [writer.submit(records[i], audio[i], SR) for i in range(300)]
     assert all(accepted)
     stats = writer.stats()
@@ -120,7 +122,8 @@ def test_300_records_round_trip(tmp_path) -> None:
             ts = rec.timestamp.astimezone(UTC)
             assert (ts.strftime("%Y-%m-%d"), ts.hour) == (info.dt, info.hour)
             assert rec.audio == (f"audio/dt={info.dt}/hour={info.hour:02d}/"
-                                 f"{rec.request_id}.flac")
+                                 f"{rec.request_id}.{audio_format}")
+            assert sf.info(str(tmp_path / "traffic" / rec.audio)).format == audio_format.upper()
             seen.append(rec.request_id)
     assert sorted(seen) == sorted(r.request_id for r in records.values())  # exactly once
 
