@@ -29,11 +29,14 @@ def flow_settings(profile: str | None = None, workspace: str | None = None,
 @dataclass(frozen=True)
 class MonitoredModel:
     """The model whose embeddings and reference a flow uses: its local folder, version
-    string (what predictions carry) and registry version (None for ``--model`` paths)."""
+    string (what predictions carry), registry version (None for ``--model`` paths) and
+    whether a retraining registered it (``adapted``: ``monitoring.adapted_reference``
+    decides its reference)."""
 
     folder: Path
     version: str
     registry_version: str | None
+    adapted: bool = False
 
 
 def _version_of(folder: Path) -> str:
@@ -59,4 +62,5 @@ def monitored_model(settings: Settings, model: str | None = None) -> MonitoredMo
     ref = registry.alias("production")
     assert ref is not None
     folder = registry.model_folder(ref)
-    return MonitoredModel(folder, _version_of(folder), ref.version)
+    adapted = "retrain_run" in registry.version_tags(ref.version)
+    return MonitoredModel(folder, _version_of(folder), ref.version, adapted)

@@ -19,7 +19,7 @@ from model.inference.onnx import load_predictor
 from monitoring.alerts import AlertStore
 from monitoring.drift import DriftDecision, ReferenceStore, detect_drift
 from monitoring.ingest import curated_root
-from monitoring.reference import build_reference, load_window
+from monitoring.reference import build_reference, load_first, load_window
 from serving.annotations import AnnotationStore
 from voiceloop.settings import Settings
 from voiceloop.tracking import RunLogger
@@ -28,11 +28,22 @@ __all__ = ["drift_markdown", "drift_payload", "monitor_flow"]
 
 
 @task(name="reference", retries=1)
-def reference_task(settings: Settings, target: MonitoredModel) -> pd.DataFrame:
-    """The model version's reference, built and stored on first use."""
+def reference_task(settings: Settings, target: MonitoredModel) -> pd.DataFrame | None:
+    """The model version's reference, built and stored on first use: its corpus split,
+    or — for a version adapted by a retraining, with ``monitoring.adapted_reference:
+    live`` — its own first ``reference_rows`` rows of ingested traffic (None while fewer
+    exist: warming up)."""
     store = ReferenceStore.for_workspace(settings.workspace)
     if store.exists(target.version):
         return store.load(target.version)[0]  # (frame, sidecar)
+    m = settings.monitoring
+    if target.adapted and m.adapted_reference == "live":
+        first = load_first(curated_root(settings), target.version, m.reference_rows)
+        if len(first) < m.reference_rows:
+            return None
+        store.save(first, target.version, source_split="live traffic: the version's first "
+                   f"{len(first)} ingested rows")
+        return first
     predictor = load_predictor(target.folder, batch_size=settings.decode.batch_size, threads=1)
     frame = build_reference(settings, predictor, settings.monitoring.reference_split,
                             settings.monitoring.reference_rows)
@@ -102,7 +113,22 @@ def monitor_flow(profile: str | None = None, workspace: str | None = None,
     if thresholds is not None:
         drift = thresholds.apply(drift)
     reference = reference_task(settings, target)
+    if reference is None:
+        live = len(load_first(curated_root(settings), target.version,
+                              settings.monitoring.reference_rows))
+        message = (f"version {target.version} (adapted by a retraining) is warming up: "
+                   f"{live} of the {settings.monitoring.reference_rows} ingested rows its "
+                   "live reference needs; no drift decision until then")
+        logger.info(message)
+        create_markdown_artifact(f"# Drift check: warming up\n\n{message}\n",
+                                 key="voiceloop-drift", description="Drift check")
+        return {"drifted": False, "sufficient": False, "warming_up": True, "window": 0,
+                "live_rows": live}
     current = load_window(curated_root(settings), target.version, window_rows or drift.window_rows)
+    if "request_id" in reference.columns and "request_id" in current.columns:
+        # A live reference's rows are never judged against themselves.
+        current = current[~current["request_id"].isin(reference["request_id"])]
+        current = current.reset_index(drop=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     report_dir = settings.workspace / "monitoring" / "reports" / stamp
     if current.empty:

@@ -7,7 +7,9 @@
   same thing. It is computed once per model version and kept in the
   :class:`monitoring.drift.ReferenceStore`.
 - :func:`load_window` reads the latest ``rows`` curated traffic rows embedded by a given
-  model (rows embedded by another model version are not comparable).
+  model (rows embedded by another model version are not comparable); :func:`load_first`
+  the earliest, which are the *live* reference of a version adapted by a retraining
+  (``monitoring.adapted_reference``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from monitoring.schema import embedding_columns
 from monitoring.signal_features import signal_features_frame
 from voiceloop.settings import Settings
 
-__all__ = ["build_reference", "load_window"]
+__all__ = ["build_reference", "load_first", "load_window"]
 
 _FEATURES = ("duration_s", "level_dbfs", "snr_db", "speaking_rate", "spectral_centroid_hz",
              "silence_share", "clipping_share")
@@ -81,10 +83,10 @@ def build_reference(settings: Settings, predictor: BatchPredictor, split: str = 
     return out[np.isfinite(out[embedding_columns(predictor.embedding_dim)]).all(axis=1)]
 
 
-def load_window(curated: Path, embedding_model: str, rows: int) -> pd.DataFrame:
-    """The latest ``rows`` curated rows embedded by ``embedding_model`` (newest batches
-    first by batch id, then by timestamp), oldest first in the result."""
-    files = sorted((curated / "traffic").rglob("*.parquet"), key=lambda p: p.stem, reverse=True)
+def _rows_of(curated: Path, embedding_model: str, rows: int, newest: bool) -> pd.DataFrame:
+    """``rows`` curated rows embedded by ``embedding_model``: the newest or the oldest
+    (by batch id, then timestamp), oldest first in the result."""
+    files = sorted((curated / "traffic").rglob("*.parquet"), key=lambda p: p.stem, reverse=newest)
     frames, total = [], 0
     for path in files:
         frame = pq.read_table(path).to_pandas()
@@ -97,5 +99,17 @@ def load_window(curated: Path, embedding_model: str, rows: int) -> pd.DataFrame:
             break
     if not frames:
         return pd.DataFrame()
-    window = pd.concat(frames, ignore_index=True).sort_values("timestamp")
-    return window.tail(rows).reset_index(drop=True)
+    ordered = pd.concat(frames, ignore_index=True).sort_values("timestamp", kind="stable")
+    return (ordered.tail(rows) if newest else ordered.head(rows)).reset_index(drop=True)
+
+
+def load_window(curated: Path, embedding_model: str, rows: int) -> pd.DataFrame:
+    """The latest ``rows`` curated rows embedded by ``embedding_model`` (newest batches
+    first by batch id, then by timestamp), oldest first in the result."""
+    return _rows_of(curated, embedding_model, rows, newest=True)
+
+
+def load_first(curated: Path, embedding_model: str, rows: int) -> pd.DataFrame:
+    """The earliest ``rows`` curated rows embedded by ``embedding_model`` (oldest batches
+    first by batch id, then by timestamp): fewer when fewer exist (empty: none)."""
+    return _rows_of(curated, embedding_model, rows, newest=False)

@@ -56,9 +56,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import struct
 import json
 import logging
+import struct
 import threading
 import time
 import uuid

@@ -706,6 +706,11 @@ def monitor(
     settings = load_settings(params, profile, workspace)
     result = monitor_flow(settings.profile, str(settings.workspace),
                           str(params) if params else None, model=model, window_rows=window)
+    if result.get("warming_up"):
+        typer.echo(f"warming up: the version's live reference has {result['live_rows']} of "
+                   f"{settings.monitoring.reference_rows} ingested rows (monitoring."
+                   "adapted_reference); no drift decision until then")
+        return
     verdict = ("DRIFT: " + "; ".join(result.get("reasons", [])) if result["drifted"]
                else "no drift" if result.get("sufficient") else "not enough samples to decide")
     typer.echo(f"{verdict} (window {result['window']} samples)"

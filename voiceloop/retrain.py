@@ -43,6 +43,7 @@ from model.data.corpus import CorpusLayout
 from model.data.grammar import DOMAINS, Grammar, load_values, predicted_domain
 from model.data.manifest import ManifestRow, read_manifest, write_manifest
 from model.inference.batch import SLUPredictor
+from model.nn.export import load_bundle_config
 from model.nn.package import load_package
 from model.training.lm_stage import LM_TEXT_MANIFEST
 from monitoring.drift import ReferenceStore
@@ -56,6 +57,7 @@ from voiceloop.tracking import RunLogger, resolve_model_uri
 __all__ = [
     "CandidateOutputs",
     "RetrainSpec",
+    "inherit_thresholds",
     "plan_retraining",
     "register_candidate",
     "run_training_stage",
@@ -415,4 +417,19 @@ def register_candidate(settings: Settings, spec: RetrainSpec, how: str,
         "parent_version": spec.parent_version, "retrain_run": spec.run_id,
         "labels_used": f"{spec.labelled}/{spec.budget}", "data_version": spec.data_version or "",
         "rollout.status": "candidate"})
+    inherit_thresholds(settings, Path(spec.student_init), run_dir / "student" / "deploy")
     return version
+
+
+def inherit_thresholds(settings: Settings, parent_student: Path, bundle: Path) -> bool:
+    """Give the model of deploy ``bundle`` the calibrated drift thresholds of the parent
+    whose student package is ``parent_student`` (scores are distances scaled by the
+    reference's spread, so thresholds made from baseline windows carry over to a version
+    judged against its own live reference; see ``monitoring.adapted_reference``).
+    Returns whether the parent had thresholds to inherit."""
+    store = ReferenceStore.for_workspace(settings.workspace)
+    thresholds = store.load_thresholds(load_package(parent_student).version)
+    if thresholds is None:
+        return False
+    store.save_thresholds(load_bundle_config(bundle).version, thresholds)
+    return True

@@ -698,13 +698,23 @@ class MonitoringSettings(_Strict):
     """Traffic monitoring: ingestion (``ingest``), drift detection (``drift``) and
     alerting (``alerts``). ``reference_split`` / ``reference_rows``: the production
     model's own validation data that windows are compared with (featurised once per
-    model version)."""
+    model version).
+
+    ``adapted_reference``: the reference of a version registered by a retraining (one
+    adapted to drifted traffic). ``live``: its own first ``reference_rows`` rows of
+    ingested traffic — the world it was adapted to and promoted in, once the canary
+    analysis vouched for it; until that many rows exist its windows are not judged
+    ("warming up"), and it inherits its parent's calibrated thresholds. ``corpus``: the
+    base corpus' ``reference_split``, like the seed model — the shift that was adapted
+    to then stays "drift" and is detected again after every promotion.
+    """
 
     ingest: IngestSettings = IngestSettings()
     drift: DriftSettings = DriftSettings()
     alerts: AlertSettings = AlertSettings()
     reference_split: str = "valid"
     reference_rows: int = Field(2000, ge=50)
+    adapted_reference: Literal["live", "corpus"] = "live"
 
 
 class RetrainStepSettings(_Strict):

@@ -130,6 +130,10 @@ def test_traffic_to_retrained_candidate_to_promotion(loop: tuple[Settings, Path]
     tags = registry.version_tags(candidate)
     assert tags["gate.result"] == "pass" and tags["rollout.status"] == "promoted"
     assert '"verdict":"pass"' in tags["canary.step1"] and "canary.step2" in tags
+    # The new production version was adapted by a retraining: it is judged against its
+    # own first live rows (monitoring.adapted_reference), and none is ingested yet.
+    check = monitor_flow("tiny", str(ws))
+    assert check["warming_up"] and check["live_rows"] == 0 and not check["drifted"], check
 
 
 def test_a_candidate_failing_the_gate_is_rejected_and_never_serves(
