@@ -137,7 +137,21 @@ def app_from_environment() -> FastAPI:
     raw = os.environ.get(SERVE_ENV)
     if not raw:
         raise RuntimeError(f"${SERVE_ENV} is not set: start the service with `voiceloop serve`")
-    return app_from_spec(ServeSpec.model_validate_json(raw))
+    spec = ServeSpec.model_validate_json(raw)
+    state = build_state(spec.settings(), Path(spec.model_dir) if spec.model_dir else None,
+                        spec.log_traffic, spec.workers, spec.processes)
+    if _READY is not None:
+        # The supervisor hands connections to processes that can answer them: a process
+        # is ready once its production model is loaded (a load that fails at start-up is
+        # retried at the next registry poll).
+        flag = _READY
+        state.models.on_change(lambda models: setattr(flag, "value", int(
+            models.production is not None)))
+    return create_app(state)
+
+
+_READY: Any = None
+"""In a worker process: its shared readiness flag (see :class:`_Slot`)."""
 
 
 def run_server(spec: ServeSpec, host: str, port: int, *, quiet: bool = False) -> None:
@@ -185,8 +199,9 @@ def run_server(spec: ServeSpec, host: str, port: int, *, quiet: bool = False) ->
 
 class _HandedServer(uvicorn.Server):
     """A uvicorn server without a listening socket: it serves the connections the
-    supervisor hands over ``channel`` (one file descriptor per ``SCM_RIGHTS`` message),
-    counts each one that closes in ``closed`` and sets ``ready`` once it serves."""
+    supervisor hands over ``channel`` (one file descriptor per ``SCM_RIGHTS`` message)
+    and counts each one that closes in ``closed``. (``ready`` is set by the app's model
+    source, see :func:`app_from_environment`, and cleared at shutdown.)"""
 
     def __init__(self, config: uvicorn.Config, channel: socket.socket, closed: Any,
                  ready: Any) -> None:
@@ -200,8 +215,10 @@ class _HandedServer(uvicorn.Server):
 
         class Counted(self.config.http_protocol_class):  # type: ignore[misc, name-defined]
             def connection_lost(self, exc: Exception | None) -> None:
-                super().connection_lost(exc)
-                closed.value += 1  # this process is its only writer
+                try:
+                    super().connection_lost(exc)
+                finally:
+                    closed.value += 1  # this process is its only writer
 
         def protocol() -> asyncio.Protocol:
             return Counted(config=self.config, server_state=self.server_state,
@@ -217,12 +234,20 @@ class _HandedServer(uvicorn.Server):
                     loop.remove_reader(self.channel.fileno())
                     return
                 for fd in fds:
-                    loop.create_task(loop.connect_accepted_socket(
-                        protocol, socket.socket(fileno=fd)))
+                    task = loop.create_task(connect(socket.socket(fileno=fd)))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
 
+        async def connect(sock: socket.socket) -> None:
+            try:
+                await loop.connect_accepted_socket(protocol, sock)
+            except OSError:  # the client went away before the hand-off completed
+                sock.close()
+                closed.value += 1
+
+        self._tasks: set[asyncio.Task[None]] = set()
         self.channel.setblocking(False)
         loop.add_reader(self.channel.fileno(), receive)
-        self.ready.value = 1
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.ready.value = 0
@@ -248,7 +273,11 @@ def _worker(options: dict[str, Any], supervisor: int, channel: socket.socket, cl
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=orphaned, name="supervisor-watch", daemon=True).start()
-    config = uvicorn.Config(app_from_environment, factory=True, **options)
+    global _READY
+    _READY = ready
+    # No WebSocket upgrades: a connection that switched protocols would never be counted
+    # as closed (the service has no WebSocket route anyway).
+    config = uvicorn.Config(app_from_environment, factory=True, ws="none", **options)
     # uvicorn re-raises the SIGINT it shut down on (after the app's shutdown ran).
     with contextlib.suppress(KeyboardInterrupt):
         _HandedServer(config, channel, closed, ready).run()
@@ -266,6 +295,7 @@ class _Slot:
         self.closed = ctx.RawValue("q", 0)  # connections the worker saw close
         self.ready = ctx.RawValue("b", 0)   # 1 while the worker serves
         self.handed = 0                     # connections handed to it
+        self.last = 0                       # sequence number of its latest hand-off
         self.channel: socket.socket | None = None
         self.proc: multiprocessing.process.BaseProcess | None = None
         self.started = 0.0
@@ -297,11 +327,13 @@ class _Supervisor:
         self._stop_signal: int | None = None
         self._slots = [_Slot(self._ctx) for _ in range(count)]
         self._lock = threading.Lock()  # slots' channel / handed, between the two threads
+        self._sequence = 0
         self._stopping = threading.Event()
         self._signalled: set[int] = set()
 
     def _start(self, slot: _Slot) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent.setblocking(False)
         slot.closed.value, slot.ready.value = 0, 0
         proc = self._ctx.Process(target=_worker, name="voiceloop-serve", args=(
             self.options, os.getpid(), child, slot.closed, slot.ready))
@@ -311,20 +343,30 @@ class _Supervisor:
             slot.proc, slot.started, slot.channel, slot.handed = proc, time.monotonic(), parent, 0
 
     def _hand(self, conn: socket.socket) -> None:
-        """Give ``conn`` to the ready worker with the fewest open connections (any live
-        one while none is ready: it waits in the channel until that worker serves)."""
-        with self._lock:
-            live = [s for s in self._slots if s.channel is not None]
-            ready = [s for s in live if s.ready.value] or live
-            for slot in sorted(ready, key=_Slot.open_connections):
-                assert slot.channel is not None
+        """Give ``conn`` to the ready worker with the fewest open connections, the one
+        served longest ago among equals (any live one while none is ready: it waits in
+        the channel until that worker serves). A worker whose channel is full (its loop
+        stalls) is skipped; while every one is, accepting waits (backpressure)."""
+        while not self._stopping.is_set():
+            with self._lock:
+                live = [(s, s.channel) for s in self._slots if s.channel is not None]
+                ready = [(s, c) for s, c in live if s.ready.value] or live
+                order = sorted(ready, key=lambda sc: (sc[0].open_connections(), sc[0].last))
+            for slot, channel in order:
                 try:
-                    socket.send_fds(slot.channel, [b"c"], [conn.fileno()])
-                except OSError:  # that worker just died: try the next one
+                    socket.send_fds(channel, [b"c"], [conn.fileno()], socket.MSG_DONTWAIT)
+                except BlockingIOError:  # its queue of hand-offs is full: the next one
                     continue
-                slot.handed += 1
+                except OSError:  # that worker just died (its channel closed)
+                    continue
+                with self._lock:
+                    self._sequence += 1
+                    slot.handed, slot.last = slot.handed + 1, self._sequence
                 return
-        log.warning("no server process to take a connection: closing it")
+            if not order:
+                log.warning("no server process to take a connection: closing it")
+                return
+            time.sleep(0.01)
 
     def _accept(self) -> None:
         self.listener.settimeout(0.5)  # to notice a stop without closing the socket here
@@ -399,6 +441,9 @@ class _Supervisor:
             self._stopping.set()
             if acceptor.is_alive():
                 acceptor.join(5)
+            # Refuse new clients at once (they would wait in the backlog for workers that
+            # are shutting down), and free the port for a successor.
+            self.listener.close()
             self._signal_all(self._stop_signal or signal.SIGTERM)
             for slot in self._slots:
                 proc = slot.proc

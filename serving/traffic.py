@@ -426,7 +426,7 @@ class TrafficWriter:
         Raises:
             TypeError: ``record`` is not a ``TrafficRecord``.
             ValueError: the audio is not mono float/int16, the sample rate is not a valid
-                FLAC rate, or the request id is not usable as a file name.
+                supported rate, or the request id is not usable as a file name.
         """
         if not isinstance(record, TrafficRecord):
             raise TypeError(f"record must be a TrafficRecord, got {type(record).__name__}")
@@ -553,21 +553,22 @@ class TrafficWriter:
             fresh: list[_Item] = []
             with self._cond:
                 while not fresh:
+                    # Due first: a backlog must not keep a batch growing past its age
+                    # limit, nor keep a flush() or close() waiting.
+                    left = (batch[0].enqueued_at + max_seconds - time.monotonic()) if batch else 0.0
+                    if batch and (len(batch) >= max_records or left <= 0 or self._closing
+                                  or self._flush_waiters):
+                        return batch
                     while self._queue and len(batch) + len(fresh) < max_records:
                         fresh.append(self._queue.popleft())
                         self._in_flight += 1
                     if fresh:
                         break
-                    if len(batch) >= max_records:
-                        return batch
                     if not batch:
                         if self._closing:
                             return None
                         self._cond.wait()
                         continue
-                    left = batch[0].enqueued_at + max_seconds - time.monotonic()
-                    if left <= 0 or self._closing or self._flush_waiters:
-                        return batch
                     self._cond.wait(left)
             for item in fresh:  # outside the lock: submit() never waits for a write
                 self._write_audio(item)

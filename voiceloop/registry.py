@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -128,15 +130,25 @@ class Registry:
         marker = target / ".complete"
         if marker.exists():
             return target / "model"
-        tmp = target.with_name(target.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Several server processes load the same version at once: each downloads into a
+        # folder of its own and renames it into place complete (marker inside) — a shared
+        # temporary folder let one process load the other's half-written copy.
+        tmp = target.with_name(f"{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         tmp.mkdir(parents=True)
-        with mlflow_scope(self.settings.tracking_uri):
-            mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=str(tmp / "model"),
-                                                 tracking_uri=self.settings.tracking_uri)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-        marker.touch()
+        try:
+            with mlflow_scope(self.settings.tracking_uri):
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=ref.uri, dst_path=str(tmp / "model"),
+                    tracking_uri=self.settings.tracking_uri)
+            (tmp / ".complete").touch()
+            try:
+                tmp.rename(target)
+            except OSError:  # another process's copy got there first, or a broken leftover
+                if not marker.exists():
+                    shutil.rmtree(target, ignore_errors=True)
+                    tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return target / "model"
 
     # ------------------------------------------------------------------ history tags

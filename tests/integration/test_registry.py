@@ -159,3 +159,31 @@ def test_a_failing_canary_step_rolls_back_and_says_which_checks_failed(
     assert reg.aliases().get("production") == v1 and "canary" not in reg.aliases()
     assert _production_count(reg) == 1
     assert reg.canary_share() == 0
+
+
+def _fetch(workspace: str, version: str) -> list[tuple[str, int]]:
+    """In a process of its own: the version's local copy, as (file, size) pairs."""
+    from voiceloop.registry import Registry
+    from voiceloop.settings import load_settings
+
+    reg = Registry(load_settings(profile="tiny", workspace=Path(workspace)))
+    folder = reg.model_folder(VersionRef(reg.name, version, None, ""))
+    return sorted((p.name, p.stat().st_size) for p in folder.iterdir())
+
+
+def test_processes_loading_one_version_at_once_each_get_the_whole_copy(tmp_path: Path) -> None:
+    # Server processes start together and each loads production: they once shared one
+    # temporary download folder, and one loaded the other's half-written copy.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    reg, (v1, *_) = _registry(tmp_path, versions=1)
+    source = tmp_path / "m0"
+    for i in range(40):
+        (source / f"part{i:02d}.bin").write_bytes(bytes([i]) * 200_000)
+    want = sorted((p.name, p.stat().st_size) for p in source.iterdir())
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        copies = list(pool.map(_fetch, [str(tmp_path / "ws")] * 4, [v1] * 4))
+    assert copies == [want] * 4
+    cache = tmp_path / "ws" / "registry-cache" / reg.name
+    assert sorted(p.name for p in cache.iterdir()) == [v1]  # no temporary folder left
