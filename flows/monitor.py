@@ -38,7 +38,8 @@ def reference_task(settings: Settings, target: MonitoredModel) -> pd.DataFrame |
         return store.load(target.version)[0]  # (frame, sidecar)
     m = settings.monitoring
     if target.adapted and m.adapted_reference == "live":
-        first = load_first(curated_root(settings), target.version, m.reference_rows)
+        first = load_first(curated_root(settings), target.version, m.reference_rows,
+                           served_by=target.version)
         if len(first) < m.reference_rows:
             return None
         store.save(first, target.version, source_split="live traffic: the version's first "
@@ -115,7 +116,7 @@ def monitor_flow(profile: str | None = None, workspace: str | None = None,
     reference = reference_task(settings, target)
     if reference is None:
         live = len(load_first(curated_root(settings), target.version,
-                              settings.monitoring.reference_rows))
+                              settings.monitoring.reference_rows, served_by=target.version))
         message = (f"version {target.version} (adapted by a retraining) is warming up: "
                    f"{live} of the {settings.monitoring.reference_rows} ingested rows its "
                    "live reference needs; no drift decision until then")
@@ -125,10 +126,14 @@ def monitor_flow(profile: str | None = None, workspace: str | None = None,
         return {"drifted": False, "sufficient": False, "warming_up": True, "window": 0,
                 "live_rows": live}
     current = load_window(curated_root(settings), target.version, window_rows or drift.window_rows)
-    if "request_id" in reference.columns and "request_id" in current.columns:
+    if not current.empty and "request_id" in reference.columns:
         # A live reference's rows are never judged against themselves.
         current = current[~current["request_id"].isin(reference["request_id"])]
         current = current.reset_index(drop=True)
+        if current.empty:
+            logger.info("no ingested traffic after the live reference of %s yet",
+                        target.version)
+            return {"drifted": False, "sufficient": False, "window": 0}
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     report_dir = settings.workspace / "monitoring" / "reports" / stamp
     if current.empty:

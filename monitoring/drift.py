@@ -406,7 +406,7 @@ def _embedding_frames(inputs: DriftInputs, settings: DriftSettings, seed: int) -
         return _EmbeddingFrames(None, None, [], f"too few comparable rows ({len(x_ref)} "
                                 f"reference, {len(x_cur)} current; need {cfg.min_rows})")
     mean = x_ref.mean(axis=0)
-    if cfg.pca_components and cfg.pca_components < len(cols):
+    if cfg.pca_components:  # at most every dimension: still whitened when k >= dims
         # Whitened PCA fitted on the reference only: the current window must not shape
         # the space it is judged in. Unit variance per component makes a mean shift in
         # a low-variance direction as visible as one in a high-variance direction.

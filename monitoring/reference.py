@@ -83,14 +83,19 @@ def build_reference(settings: Settings, predictor: BatchPredictor, split: str = 
     return out[np.isfinite(out[embedding_columns(predictor.embedding_dim)]).all(axis=1)]
 
 
-def _rows_of(curated: Path, embedding_model: str, rows: int, newest: bool) -> pd.DataFrame:
-    """``rows`` curated rows embedded by ``embedding_model``: the newest or the oldest
-    (by batch id, then timestamp), oldest first in the result."""
+def _rows_of(curated: Path, embedding_model: str, rows: int, newest: bool,
+             served_by: str | None = None) -> pd.DataFrame:
+    """``rows`` curated rows embedded by ``embedding_model`` (and answered by
+    ``served_by`` when given): the newest or the oldest (by batch id, then timestamp),
+    oldest first in the result."""
     files = sorted((curated / "traffic").rglob("*.parquet"), key=lambda p: p.stem, reverse=newest)
     frames, total = [], 0
     for path in files:
         frame = pq.read_table(path).to_pandas()
-        frame = frame[frame["embedding_model"] == embedding_model]
+        keep = frame["embedding_model"] == embedding_model
+        if served_by is not None:
+            keep &= frame["model_version"] == served_by
+        frame = frame[keep]
         if frame.empty:
             continue
         frames.append(frame)
@@ -109,7 +114,11 @@ def load_window(curated: Path, embedding_model: str, rows: int) -> pd.DataFrame:
     return _rows_of(curated, embedding_model, rows, newest=True)
 
 
-def load_first(curated: Path, embedding_model: str, rows: int) -> pd.DataFrame:
-    """The earliest ``rows`` curated rows embedded by ``embedding_model`` (oldest batches
-    first by batch id, then by timestamp): fewer when fewer exist (empty: none)."""
-    return _rows_of(curated, embedding_model, rows, newest=False)
+def load_first(curated: Path, embedding_model: str, rows: int,
+               served_by: str | None = None) -> pd.DataFrame:
+    """The earliest ``rows`` curated rows embedded by ``embedding_model`` — and, with
+    ``served_by``, answered by that model version (ingestion embeds a backlog with the
+    model in production when it runs, so rows its predecessor answered can carry a new
+    version's embeddings) — oldest batches first by batch id, then by timestamp; fewer
+    when fewer exist (empty: none)."""
+    return _rows_of(curated, embedding_model, rows, newest=False, served_by=served_by)

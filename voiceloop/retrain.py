@@ -423,9 +423,10 @@ def register_candidate(settings: Settings, spec: RetrainSpec, how: str,
 
 def inherit_thresholds(settings: Settings, parent_student: Path, bundle: Path) -> bool:
     """Give the model of deploy ``bundle`` the calibrated drift thresholds of the parent
-    whose student package is ``parent_student`` (scores are distances scaled by the
-    reference's spread, so thresholds made from baseline windows carry over to a version
-    judged against its own live reference; see ``monitoring.adapted_reference``).
+    whose student package is ``parent_student``, as a prior: better than params.yaml's
+    uncalibrated defaults, but calibrated against the parent's corpus reference, so
+    likely looser against the version's own live reference (``monitoring.
+    adapted_reference``) — recalibrating on the version's own windows is still to do.
     Returns whether the parent had thresholds to inherit."""
     store = ReferenceStore.for_workspace(settings.workspace)
     thresholds = store.load_thresholds(load_package(parent_student).version)

@@ -701,10 +701,11 @@ class MonitoringSettings(_Strict):
     model version).
 
     ``adapted_reference``: the reference of a version registered by a retraining (one
-    adapted to drifted traffic). ``live``: its own first ``reference_rows`` rows of
-    ingested traffic — the world it was adapted to and promoted in, once the canary
+    adapted to drifted traffic). ``live``: the first ``reference_rows`` ingested rows it
+    answered itself — the world it was adapted to and promoted in, once the canary
     analysis vouched for it; until that many rows exist its windows are not judged
-    ("warming up"), and it inherits its parent's calibrated thresholds. ``corpus``: the
+    ("warming up"); it starts with its parent's calibrated thresholds, if any (see
+    ``voiceloop.retrain.inherit_thresholds``). ``corpus``: the
     base corpus' ``reference_split``, like the seed model — the shift that was adapted
     to then stays "drift" and is detected again after every promotion.
     """

@@ -28,6 +28,8 @@ def _batch(curated: Path, batch_id: str, rows: list[tuple[str, str, int]]) -> No
     pd.DataFrame({
         "request_id": [r for r, _, _ in rows], "embedding_model": [m for _, m, _ in rows],
         "timestamp": [T0 + timedelta(seconds=s) for _, _, s in rows], "batch_id": batch_id,
+        # the first batch was answered by the previous version and embedded by the new one
+        "model_version": "v1" if batch_id.endswith("aa") else [m for _, m, _ in rows],
     }).to_parquet(folder / f"{batch_id}.parquet", index=False)
 
 
@@ -40,6 +42,8 @@ def test_first_and_latest_rows_of_one_model(tmp_path: Path) -> None:
     assert load_window(tmp_path, "v2", 3)["request_id"].tolist() == ["b0", "b1", "c0"]
     assert load_first(tmp_path, "v2", 99)["request_id"].tolist() == ["a0", "a1", "b0", "b1", "c0"]
     assert load_first(tmp_path, "v3", 5).empty
+    # served_by: only rows that version answered itself (model_version, set per batch here)
+    assert load_first(tmp_path, "v2", 3, served_by="v2")["request_id"].tolist() == ["b0", "b1", "c0"]
 
 
 def _thresholds() -> Thresholds:
