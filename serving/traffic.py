@@ -552,27 +552,29 @@ class TrafficWriter:
         while True:
             fresh: list[_Item] = []
             with self._cond:
-                while not fresh:
-                    # Due first: a backlog must not keep a batch growing past its age
-                    # limit, nor keep a flush() or close() waiting.
-                    left = (batch[0].enqueued_at + max_seconds - time.monotonic()) if batch else 0.0
-                    if batch and (len(batch) >= max_records or left <= 0 or self._closing
-                                  or self._flush_waiters):
-                        return batch
-                    while self._queue and len(batch) + len(fresh) < max_records:
-                        fresh.append(self._queue.popleft())
-                        self._in_flight += 1
-                    if fresh:
-                        break
+                while self._queue and len(batch) + len(fresh) < max_records:
+                    fresh.append(self._queue.popleft())
+                    self._in_flight += 1
+                if not fresh:  # everything queued is in the batch: commit it, or wait
                     if not batch:
                         if self._closing:
                             return None
                         self._cond.wait()
                         continue
+                    left = batch[0].enqueued_at + max_seconds - time.monotonic()
+                    if (len(batch) >= max_records or left <= 0 or self._closing
+                            or self._flush_waiters):
+                        return batch
                     self._cond.wait(left)
+                    continue
             for item in fresh:  # outside the lock: submit() never waits for a write
                 self._write_audio(item)
             batch.extend(fresh)
+            # A steady backlog must not keep an old batch growing (flush and close drain
+            # the queue first, on the next turn, so what they wait for is in it).
+            if len(batch) >= max_records or (
+                    batch[0].enqueued_at + max_seconds <= time.monotonic()):
+                return batch
 
     def _write_audio(self, item: _Item) -> None:
         """Write ``item``'s audio file now; on failure leave it to the commit (which
