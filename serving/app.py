@@ -322,7 +322,9 @@ def create_app(state: ServiceState) -> FastAPI:
             prediction = model.pool.predict(request_id, resampled, rate)
             if prediction.error:
                 raise AudioRejected(400, "unusable_audio", prediction.error)
-        pcm = pcm16(audio.samples) if state.traffic is not None else None
+        pcm = None
+        if state.traffic is not None:
+            pcm = audio.pcm16 if audio.pcm16 is not None else pcm16(audio.samples)
         return _Answer(request_id, audio, prediction, pcm)
 
     def _log(record: TrafficRecord, pcm: np.ndarray | None = None,

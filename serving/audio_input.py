@@ -9,6 +9,7 @@ still streaming in ``serving.app``).
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,12 +32,60 @@ class AudioRejected(Exception):
 @dataclass(frozen=True)
 class DecodedAudio:
     """A decoded upload: mono float32 samples ``(N,)`` in [-1, 1], its rate (Hz),
-    duration (s) and container format."""
+    duration (s) and container format; ``pcm16``: the same samples as int16 ``(N,)``
+    when the upload held exactly those (mono 16-bit PCM WAV), else None."""
 
     samples: np.ndarray
     sample_rate: int
     duration_s: float
     audio_format: str
+    pcm16: np.ndarray | None = None
+
+
+def _wav_pcm16(body: bytes) -> tuple[int, int, int, int] | None:
+    """``(rate, channels, data offset, data bytes)`` of a complete, canonical 16-bit PCM
+    WAV (RIFF, ``WAVE_FORMAT_PCM``), else None (libsndfile decodes everything else)."""
+    if len(body) < 44 or body[:4] != b"RIFF" or body[8:12] != b"WAVE":
+        return None
+    pos, fmt = 12, None
+    while pos + 8 <= len(body):
+        chunk, size = body[pos:pos + 4], int.from_bytes(body[pos + 4:pos + 8], "little")
+        if chunk == b"fmt " and size >= 16:
+            tag, channels, rate = struct.unpack_from("<HHI", body, pos + 8)
+            bits = struct.unpack_from("<H", body, pos + 22)[0]
+            fmt = (tag, channels, rate, bits)
+        elif chunk == b"data":
+            if (fmt is None or fmt[0] != 1 or fmt[3] != 16 or fmt[1] < 1 or fmt[2] <= 0
+                    or pos + 8 + size > len(body) or size % (2 * fmt[1])):
+                return None
+            return fmt[2], fmt[1], pos + 8, size
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _decode_pcm16_wav(body: bytes, max_duration_s: float) -> DecodedAudio | None:
+    """The fast path of :func:`decode_upload` for 16-bit PCM WAV — what clients send most
+    — with numpy alone: samples equal libsndfile's (int / 32768), at a tenth of the CPU
+    (libsndfile's virtual-file decode cost ~0.4 ms per 3-s upload on the request path)."""
+    layout = _wav_pcm16(body)
+    if layout is None:
+        return None
+    rate, channels, offset, size = layout
+    frames = size // (2 * channels)
+    if frames / rate > max_duration_s:
+        raise AudioRejected(413, "audio_too_long", f"{frames / rate:.1f} s of audio; the limit "
+                            f"is {max_duration_s:g} s")
+    if frames == 0:
+        raise AudioRejected(400, "no_samples", "the audio file holds no samples")
+    pcm = np.frombuffer(body, dtype="<i2", count=frames * channels, offset=offset)
+    if channels == 1:
+        mono16 = pcm.astype(np.int16)  # a copy: the body's buffer is not ours to keep
+        mono = mono16.astype(np.float32) / np.float32(32768.0)
+    else:
+        mono16 = None
+        mono = (pcm.reshape(frames, channels).astype(np.float32) / np.float32(32768.0)
+                ).mean(axis=1, dtype=np.float32)
+    return DecodedAudio(mono, int(rate), frames / rate, "wav", mono16)
 
 
 def _wav_missing_bytes(body: bytes) -> int:
@@ -57,7 +106,10 @@ def _wav_missing_bytes(body: bytes) -> int:
 
 def level_dbfs(samples: np.ndarray) -> float:
     """RMS level in dBFS (−inf for digital silence)."""
-    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if samples.size else 0.0
+    x = np.asarray(samples, dtype=np.float64) if samples.dtype != np.float32 else samples
+    # A float32 dot product accumulates in pairwise blocks: exact enough for a level, and
+    # no float64 copy of the waveform on the request path.
+    rms = float(np.sqrt(float(np.dot(x, x)) / x.size)) if x.size else 0.0
     return 20 * np.log10(rms) if rms > 0 else float("-inf")
 
 
@@ -72,6 +124,9 @@ def decode_upload(body: bytes, max_duration_s: float) -> DecodedAudio:
     if not body:
         raise AudioRejected(400, "empty_body", "the request body is empty: send a WAV, FLAC "
                             "or OGG file")
+    fast = _decode_pcm16_wav(body, max_duration_s)
+    if fast is not None:
+        return fast
     try:
         handle = sf.SoundFile(io.BytesIO(body))  # one parse of the header, for info and read
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:

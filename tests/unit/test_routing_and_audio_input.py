@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import random
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from serving.audio_input import AudioRejected, decode_upload, level_dbfs
 from serving.routing import BUCKETS, choose_route, device_bucket
@@ -50,6 +52,43 @@ def test_decode_upload_reads_formats_and_rejects_bad_audio() -> None:
         with pytest.raises(AudioRejected) as err:
             decode_upload(body, 2.0)
         assert err.value.code == code
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("extra_chunk", [False, True])
+def test_the_pcm16_wav_fast_path_decodes_exactly_as_libsndfile(channels: int,
+                                                                extra_chunk: bool) -> None:
+    from serving import audio_input
+
+    rng = np.random.default_rng(channels)
+    samples = rng.uniform(-1.1, 1.1, (16000, channels)).astype(np.float32)
+    body = wav_bytes(samples if channels > 1 else samples[:, 0], rate=16000)
+    if extra_chunk:  # a LIST chunk before the data, as some recorders write
+        data_at = body.index(b"data")
+        info = b"LIST" + (6).to_bytes(4, "little") + b"INFOab"
+        body = body[:4] + (len(body) - 8 + len(info)).to_bytes(4, "little") + body[8:data_at] \
+            + info + body[data_at:]
+    assert audio_input._wav_pcm16(body) is not None  # the fast path takes it
+    fast = decode_upload(body, 10)
+    with sf.SoundFile(io.BytesIO(body)) as f:
+        ref = f.read(dtype="float32", always_2d=True)
+    want = ref[:, 0] if channels == 1 else ref.mean(axis=1).astype(np.float32)
+    np.testing.assert_array_equal(fast.samples, want)
+    assert fast.sample_rate == 16000 and fast.audio_format == "wav"
+    if channels == 1:  # the exact int16 samples, for the traffic store
+        np.testing.assert_array_equal(fast.pcm16, np.round(want * 32768).astype(np.int16))
+    else:
+        assert fast.pcm16 is None
+    # Anything else goes to libsndfile: float WAV, 24-bit, a truncated data chunk.
+    for other in (wav_bytes(samples[:, 0], subtype="FLOAT"), wav_bytes(samples[:, 0], subtype="PCM_24")):
+        assert audio_input._wav_pcm16(other) is None
+        assert decode_upload(other, 10).pcm16 is None
+    with pytest.raises(AudioRejected) as err:
+        decode_upload(body[:-100], 10)
+    assert err.value.code == "truncated_audio"
+    with pytest.raises(AudioRejected) as err:
+        decode_upload(body, 0.5)
+    assert err.value.code == "audio_too_long"
 
 
 def test_level_dbfs() -> None:
