@@ -5,6 +5,7 @@ and the ``voiceloop.drift.detected`` event that starts retraining (thin orchestr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,32 +25,41 @@ from serving.annotations import AnnotationStore
 from voiceloop.settings import Settings
 from voiceloop.tracking import RunLogger
 
-__all__ = ["drift_markdown", "drift_payload", "monitor_flow"]
+__all__ = ["Reference", "drift_markdown", "drift_payload", "monitor_flow", "reference_task"]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A model version's reference (``frame``), or None while a live reference is still
+    warming up, with ``live_rows`` of the rows it needs so far."""
+
+    frame: pd.DataFrame | None
+    live_rows: int = 0
 
 
 @task(name="reference", retries=1)
-def reference_task(settings: Settings, target: MonitoredModel) -> pd.DataFrame | None:
+def reference_task(settings: Settings, target: MonitoredModel) -> Reference:
     """The model version's reference, built and stored on first use: its corpus split,
     or — for a version adapted by a retraining, with ``monitoring.adapted_reference:
-    live`` — its own first ``reference_rows`` rows of ingested traffic (None while fewer
-    exist: warming up)."""
+    live`` — its own first ``reference_rows`` rows of ingested traffic (no frame while
+    fewer exist: warming up)."""
     store = ReferenceStore.for_workspace(settings.workspace)
     if store.exists(target.version):
-        return store.load(target.version)[0]  # (frame, sidecar)
+        return Reference(store.load(target.version)[0])  # (frame, sidecar)
     m = settings.monitoring
     if target.adapted and m.adapted_reference == "live":
         first = load_first(curated_root(settings), target.version, m.reference_rows,
                            served_by=target.version)
         if len(first) < m.reference_rows:
-            return None
+            return Reference(None, len(first))
         store.save(first, target.version, source_split="live traffic: the version's first "
                    f"{len(first)} ingested rows")
-        return first
+        return Reference(first, len(first))
     predictor = load_predictor(target.folder, batch_size=settings.decode.batch_size, threads=1)
     frame = build_reference(settings, predictor, settings.monitoring.reference_split,
                             settings.monitoring.reference_rows)
     store.save(frame, target.version, source_split=settings.monitoring.reference_split)
-    return frame
+    return Reference(frame)
 
 
 def drift_payload(decision: DriftDecision, target: MonitoredModel, report_dir: Path,
@@ -113,18 +123,17 @@ def monitor_flow(profile: str | None = None, workspace: str | None = None,
     thresholds = ReferenceStore.for_workspace(settings.workspace).load_thresholds(target.version)
     if thresholds is not None:
         drift = thresholds.apply(drift)
-    reference = reference_task(settings, target)
-    if reference is None:
-        live = len(load_first(curated_root(settings), target.version,
-                              settings.monitoring.reference_rows, served_by=target.version))
+    ref = reference_task(settings, target)
+    if ref.frame is None:
         message = (f"version {target.version} (adapted by a retraining) is warming up: "
-                   f"{live} of the {settings.monitoring.reference_rows} ingested rows its "
-                   "live reference needs; no drift decision until then")
+                   f"{ref.live_rows} of the {settings.monitoring.reference_rows} ingested "
+                   "rows its live reference needs; no drift decision until then")
         logger.info(message)
         create_markdown_artifact(f"# Drift check: warming up\n\n{message}\n",
                                  key="voiceloop-drift", description="Drift check")
         return {"drifted": False, "sufficient": False, "warming_up": True, "window": 0,
-                "live_rows": live}
+                "live_rows": ref.live_rows}
+    reference = ref.frame
     current = load_window(curated_root(settings), target.version, window_rows or drift.window_rows)
     if not current.empty and "request_id" in reference.columns:
         # A live reference's rows are never judged against themselves.

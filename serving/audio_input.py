@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,24 +43,36 @@ class DecodedAudio:
     pcm16: np.ndarray | None = None
 
 
+def _wav_chunks(body: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """``(chunk id, payload offset, declared payload size)`` of each chunk of a RIFF/RF64
+    WAVE file, in order, up to the ``data`` chunk; nothing for any other file."""
+    if body[:4] not in (b"RIFF", b"RF64") or body[8:12] != b"WAVE":
+        return
+    pos = 12
+    while pos + 8 <= len(body):
+        chunk, size = body[pos:pos + 4], int.from_bytes(body[pos + 4:pos + 8], "little")
+        yield chunk, pos + 8, size
+        if chunk == b"data":
+            return
+        pos += 8 + size + (size & 1)
+
+
 def _wav_pcm16(body: bytes) -> tuple[int, int, int, int] | None:
     """``(rate, channels, data offset, data bytes)`` of a complete, canonical 16-bit PCM
     WAV (RIFF, ``WAVE_FORMAT_PCM``), else None (libsndfile decodes everything else)."""
-    if len(body) < 44 or body[:4] != b"RIFF" or body[8:12] != b"WAVE":
+    if len(body) < 44 or body[:4] != b"RIFF":
         return None
-    pos, fmt = 12, None
-    while pos + 8 <= len(body):
-        chunk, size = body[pos:pos + 4], int.from_bytes(body[pos + 4:pos + 8], "little")
+    fmt = None
+    for chunk, offset, size in _wav_chunks(body):
         if chunk == b"fmt " and size >= 16:
-            tag, channels, rate = struct.unpack_from("<HHI", body, pos + 8)
-            bits = struct.unpack_from("<H", body, pos + 22)[0]
+            tag, channels, rate = struct.unpack_from("<HHI", body, offset)
+            bits = struct.unpack_from("<H", body, offset + 14)[0]
             fmt = (tag, channels, rate, bits)
         elif chunk == b"data":
             if (fmt is None or fmt[0] != 1 or fmt[3] != 16 or fmt[1] < 1 or fmt[2] <= 0
-                    or pos + 8 + size > len(body) or size % (2 * fmt[1])):
+                    or offset + size > len(body) or size % (2 * fmt[1])):
                 return None
-            return fmt[2], fmt[1], pos + 8, size
-        pos += 8 + size + (size & 1)
+            return fmt[2], fmt[1], offset, size
     return None
 
 
@@ -91,16 +104,11 @@ def _decode_pcm16_wav(body: bytes, max_duration_s: float) -> DecodedAudio | None
 def _wav_missing_bytes(body: bytes) -> int:
     """How many bytes of the WAV ``data`` chunk its header announces but the file lacks
     (0 for a complete file; libsndfile silently reads what is there)."""
-    if body[:4] not in (b"RIFF", b"RF64") or body[8:12] != b"WAVE":
-        return 0
-    pos = 12
-    while pos + 8 <= len(body):
-        chunk, size = body[pos:pos + 4], int.from_bytes(body[pos + 4:pos + 8], "little")
+    for chunk, offset, size in _wav_chunks(body):
         if chunk == b"data":
             if size == 0xFFFFFFFF:  # RF64 / streaming writers: size unknown
                 return 0
-            return max(0, size - (len(body) - pos - 8))
-        pos += 8 + size + (size & 1)
+            return max(0, size - (len(body) - offset))
     return 0
 
 

@@ -137,17 +137,7 @@ def app_from_environment() -> FastAPI:
     raw = os.environ.get(SERVE_ENV)
     if not raw:
         raise RuntimeError(f"${SERVE_ENV} is not set: start the service with `voiceloop serve`")
-    spec = ServeSpec.model_validate_json(raw)
-    state = build_state(spec.settings(), Path(spec.model_dir) if spec.model_dir else None,
-                        spec.log_traffic, spec.workers, spec.processes)
-    if _READY is not None:
-        # The supervisor hands connections to processes that can answer them: a process
-        # is ready once its production model is loaded (a load that fails at start-up is
-        # retried at the next registry poll).
-        flag = _READY
-        state.models.on_change(lambda models: setattr(flag, "value", int(
-            models.production is not None)))
-    return create_app(state)
+    return app_from_spec(ServeSpec.model_validate_json(raw), ready=_READY)
 
 
 _READY: Any = None
@@ -459,7 +449,15 @@ class _Supervisor:
                 signal.signal(sig, handler)
 
 
-def app_from_spec(spec: ServeSpec) -> FastAPI:
-    """The app ``spec`` describes, built in this process."""
-    return build_app(spec.settings(), Path(spec.model_dir) if spec.model_dir else None,
-                     spec.log_traffic, spec.workers, spec.processes)
+def app_from_spec(spec: ServeSpec, ready: Any = None) -> FastAPI:
+    """The app ``spec`` describes, built in this process. ``ready``: a worker's shared
+    readiness flag (see :class:`_Slot`), set while its production model is loaded."""
+    state = build_state(spec.settings(), Path(spec.model_dir) if spec.model_dir else None,
+                        spec.log_traffic, spec.workers, spec.processes)
+    if ready is not None:
+        # The supervisor hands connections to processes that can answer them: a process
+        # is ready once its production model is loaded (a load that fails at start-up is
+        # retried at the next registry poll).
+        state.models.on_change(lambda models: setattr(ready, "value", int(
+            models.production is not None)))
+    return create_app(state)

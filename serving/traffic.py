@@ -579,20 +579,31 @@ class TrafficWriter:
     def _write_audio(self, item: _Item) -> None:
         """Write ``item``'s audio file now; on failure leave it to the commit (which
         retries the whole batch)."""
-        if item.pcm is None:
+        try:
+            self._store_audio(item)
+        except Exception:
+            log.warning("writing the audio of %s failed; the batch commit retries it",
+                        item.record.request_id, exc_info=True)
+
+    def _store_audio(self, item: _Item) -> None:
+        """Write ``item``'s audio file (if it has audio not yet written), set
+        ``item.audio_rel`` and drop its samples. Raises what the store raised."""
+        if item.audio_rel is not None or item.pcm is None:
             return
         dt, hour = _partition(item.record.timestamp)
         audio_dir = _partition_dir(_AUDIO, dt, hour)
-        rel = f"{audio_dir}/{item.record.request_id}.{self._settings.audio_format}"
+        fmt = self._settings.audio_format
+        rel = f"{audio_dir}/{item.record.request_id}.{fmt}"
         try:
             if audio_dir not in self._audio_dirs:
                 self._store.makedirs(audio_dir)
                 self._audio_dirs.add(audio_dir)
-            self._store.write(rel, _audio_bytes(item.pcm, item.sample_rate,
-                                                self._settings.audio_format))
+            # A plain write: no reader looks at a file before a committed record names
+            # it, and the record commits only after this write returned.
+            self._store.write(rel, _audio_bytes(item.pcm, item.sample_rate, fmt))
         except Exception:
-            log.warning("writing %s failed; the batch commit retries it", rel, exc_info=True)
-            return
+            self._audio_dirs.discard(audio_dir)  # made again on the retry
+            raise
         item.audio_rel, item.pcm = rel, None
 
     def _write_batch(self, batch: list[_Item]) -> None:
@@ -629,22 +640,11 @@ class TrafficWriter:
         Idempotent for one ``batch_id``, which is why a retry reuses it."""
         store = self._store
         records: list[TrafficRecord] = []
-        audio_dir = _partition_dir(_AUDIO, dt, hour)
-        made_audio_dir = False
         for item in items:
+            self._store_audio(item)  # usually written already, when the record was taken
             update: dict[str, Any] = {"timestamp": _as_utc(item.record.timestamp)}
-            if item.audio_rel is not None:  # written when the record was taken
+            if item.audio_rel is not None:
                 update["audio"] = item.audio_rel
-            elif item.pcm is not None:
-                if not made_audio_dir:
-                    store.makedirs(audio_dir)
-                    made_audio_dir = True
-                fmt = self._settings.audio_format
-                rel = f"{audio_dir}/{item.record.request_id}.{fmt}"
-                # A plain write: no reader looks at a file before a committed record
-                # names it, and the record commits only after this write returned.
-                store.write(rel, _audio_bytes(item.pcm, item.sample_rate, fmt))
-                update["audio"] = rel
             records.append(item.record.model_copy(update=update))
         data = _parquet_bytes(_table(records), batch_id)
         batch_dir = _partition_dir(_BATCHES, dt, hour)

@@ -340,7 +340,7 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
         # The reference only, not a drift check: judged with thresholds made for another
         # window size, this window would open a (false) drift episode and start a retraining.
         target = monitored_model(settings)
-        reference = reference_task.fn(settings, target)
+        reference = reference_task.fn(settings, target).frame
         assert reference is not None  # the seed model: its corpus split, never "warming up"
         store = ReferenceStore.for_workspace(ws)
         pool = load_window(curated_root(settings), target.version, 100_000)

@@ -153,7 +153,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, params: Path, model_dir:
     t0 = time.monotonic()
     _write_validation_split(settings, REFERENCE_ROWS)
     target = monitored_model(settings, str(model_dir))
-    reference = reference_task.fn(settings, target)  # stored: monitor_flow loads it
+    reference = reference_task.fn(settings, target).frame  # stored: monitor_flow loads it
     return {"settings": settings, "params": str(params), "target": target,
             "reference": reference, "timings": {"reference": time.monotonic() - t0}}
 

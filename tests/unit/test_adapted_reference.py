@@ -86,9 +86,10 @@ def test_the_monitor_warms_up_then_takes_the_first_live_rows_as_reference(tmp_pa
     folder.mkdir(parents=True)
     traffic = synthetic_traffic(rows + 20, seed=3, model_version="adapted-v2")
     traffic.head(rows - 1).to_parquet(folder / "20260301T000001-aa.parquet", index=False)
-    assert reference_task.fn(settings, target) is None  # one row short: warming up
+    warming = reference_task.fn(settings, target)  # one row short: warming up
+    assert warming.frame is None and warming.live_rows == rows - 1
     traffic.iloc[rows - 1:].to_parquet(folder / "20260301T000002-bb.parquet", index=False)
-    reference = reference_task.fn(settings, target)
+    reference = reference_task.fn(settings, target).frame
     assert reference is not None
     assert reference["request_id"].tolist() == traffic["request_id"].head(rows).tolist()
     store = ReferenceStore.for_workspace(settings.workspace)
