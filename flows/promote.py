@@ -42,6 +42,7 @@ from monitoring.canary import CanaryAnalysis, analyse_step, collect_traffic
 from monitoring.gate import GateInputs, GateResult, GateSet, ModelCost, evaluate_gate
 from monitoring.ingest import curated_root
 from serving.annotations import AnnotationStore
+from serving.traffic import extract_audio
 from voiceloop.registry import Registry, VersionRef
 from voiceloop.settings import Settings
 
@@ -74,22 +75,24 @@ def _golden_rows(settings: Settings, limit: int) -> list[ManifestRow]:
 
 
 def _labelled_traffic(settings: Settings, limit: int) -> list[ManifestRow]:
-    """The most recent curated traffic samples that annotators labelled."""
+    """The most recent curated traffic samples that annotators labelled, their audio
+    copied out of the traffic store (:attr:`Settings.traffic_audio_cache`)."""
     import pyarrow.parquet as pq
 
     files = sorted((curated_root(settings) / "traffic").rglob("*.parquet"), key=lambda p: p.stem,
                    reverse=True)
     store = AnnotationStore(settings.annotations_root)
+    wanted = ("request_id", "audio", "audio_offset", "audio_bytes", "duration_s")
     rows: list[ManifestRow] = []
     for path in files:
-        frame = pq.read_table(path, columns=["request_id", "audio", "duration_s"]).to_pandas()
+        present = set(pq.read_schema(path).names)  # older files lack the shard columns
+        frame = pq.read_table(path, columns=[c for c in wanted if c in present]).to_pandas()
         labels = store.read(frame["request_id"].tolist())
-        for rid, audio, duration in zip(frame["request_id"], frame["audio"], frame["duration_s"],
-                                        strict=True):
-            a = labels.get(rid)
-            if a is None:
-                continue
-            rows.append(a.manifest_row(str(Path(settings.traffic_root) / audio), duration))
+        frame = frame[frame["request_id"].isin(labels)]
+        audio = extract_audio(settings.traffic_root, frame, settings.traffic_audio_cache)
+        rows += [labels[rid].manifest_row(str(local), duration)
+                 for rid, local, duration in zip(frame["request_id"], audio, frame["duration_s"],
+                                                 strict=True)]
         if len(rows) >= limit:
             break
     return rows[:limit]

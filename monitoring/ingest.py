@@ -105,6 +105,7 @@ from monitoring.schema import (
 from monitoring.traffic_suite import AUDIO_FACT_COLUMNS, TrafficSuite, audio_facts
 from serving.traffic import (
     TRAFFIC_SCHEMA,
+    AudioRef,
     BatchInfo,
     StoredAudio,
     list_batches,
@@ -157,6 +158,7 @@ def curated_schema(dim: int) -> pa.Schema:
     JSON string (as in the traffic store), features float64, ``clarify`` bool,
     embeddings float32; ``device_id`` and ``registry_version`` nullable."""
     types: dict[str, pa.DataType] = {name: pa.string() for name in IDENTITY_COLUMNS}
+    types |= {"audio_offset": pa.int64(), "audio_bytes": pa.int64()}
     types["timestamp"] = pa.timestamp("us", tz="UTC")
     types |= {name: pa.float64() for name in (*SIGNAL_FEATURES, *PREDICTION_FEATURES)}
     types |= {"intent": pa.string(), "domain": pa.string(), "clarify": pa.bool_()}
@@ -429,7 +431,7 @@ def _read_audio(store: StoredAudio, row: Mapping[str, Any]) -> tuple[np.ndarray 
     if not isinstance(path, str) or not path:
         return None, -1, "no audio stored"
     try:
-        samples, rate = store.read(path)
+        samples, rate = store.read(AudioRef.of(row))
     except FileNotFoundError:
         return None, -1, f"audio file missing: {path}"
     except (sf.SoundFileError, RuntimeError, ValueError) as exc:

@@ -21,9 +21,11 @@ __all__ = [
 
 IDENTITY_COLUMNS: tuple[str, ...] = (
     "request_id", "timestamp", "batch_id", "device_id", "route", "model_version",
-    "registry_version", "embedding_model", "audio", "transcript", "slots",
+    "registry_version", "embedding_model", "audio", "audio_offset", "audio_bytes",
+    "transcript", "slots",
 )
-"""Who and what: not compared for drift."""
+"""Who and what: not compared for drift. ``audio`` / ``audio_offset`` / ``audio_bytes``
+locate the request's audio in the traffic store (see ``serving.traffic.AudioRef``)."""
 
 SIGNAL_FEATURES: tuple[str, ...] = (
     "duration_s",            # seconds of audio

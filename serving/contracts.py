@@ -102,7 +102,11 @@ class TrafficRecord(BaseModel):
         duration_s: audio duration after decoding.
         sample_rate: the uploaded audio's sample rate (Hz).
         audio_format: ``wav``, ``flac`` or ``ogg`` as uploaded.
-        audio: path of the stored audio file (WAV or FLAC), relative to the traffic store root.
+        audio: where the stored audio is, relative to the traffic store root: the batch's
+            audio shard (an uncompressed tar of WAV or FLAC files), or, with
+            ``audio_bytes == 0``, a file of its own (stores written before shards).
+        audio_offset: where this request's file starts inside ``audio`` (bytes).
+        audio_bytes: the length of this request's file inside ``audio`` (bytes); 0 = all of it.
         kind: ``request``; feedback rows are ``feedback`` (then ``feedback_kind`` and
             ``feedback_text`` are set and the answer fields are empty).
     """
@@ -126,6 +130,8 @@ class TrafficRecord(BaseModel):
     sample_rate: int = 0
     audio_format: str = ""
     audio: str = ""
+    audio_offset: int = Field(default=0, ge=0)
+    audio_bytes: int = Field(default=0, ge=0)
     feedback_kind: str | None = None
     feedback_text: str | None = None
 

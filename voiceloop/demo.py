@@ -142,14 +142,16 @@ def paired_scores(settings: Settings, registry: Any, run_id: str, since: datetim
     from model.inference.onnx import load_predictor
     from monitoring.canary import collect_traffic
     from serving.annotations import AnnotationStore
+    from serving.traffic import extract_audio
     from voiceloop.registry import VersionRef
 
     labels = AnnotationStore(settings.annotations_root).read(run_id=run_id)
     frame = collect_traffic(settings.traffic_root, since)
     frame = frame[(frame["kind"] == "request") & frame["request_id"].isin(labels)]
-    rows = [labels[rid].manifest_row(str(Path(settings.traffic_root) / audio), duration)
-            for rid, audio, duration in zip(frame["request_id"], frame["audio"],
-                                            frame["duration_s"], strict=True)]
+    audio = extract_audio(settings.traffic_root, frame, settings.traffic_audio_cache)
+    rows = [labels[rid].manifest_row(str(local), duration)
+            for rid, local, duration in zip(frame["request_id"], audio, frame["duration_s"],
+                                            strict=True)]
     if not rows:
         raise LookupError(f"simulator run {run_id}: no annotated request in the traffic store")
     scores: dict[str, dict[str, float]] = {}

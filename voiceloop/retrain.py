@@ -50,6 +50,7 @@ from monitoring.drift import ReferenceStore
 from monitoring.ingest import curated_root
 from monitoring.selection import Selection, labelling_budget, select_for_training
 from serving.annotations import AnnotationStore
+from serving.traffic import extract_audio
 from voiceloop.registry import Registry, VersionRef
 from voiceloop.settings import Settings, repo_root
 from voiceloop.tracking import RunLogger, resolve_model_uri
@@ -173,10 +174,6 @@ def _pool(settings: Settings, embedding_model: str) -> pd.DataFrame:
     return pool[~pool["request_id"].isin(_used_request_ids(settings))].reset_index(drop=True)
 
 
-def _traffic_audio(settings: Settings, rel: str) -> Path:
-    return Path(settings.traffic_root) / rel
-
-
 def _row(rid: str, audio: Path, transcript: str, intent: str, slots: list, domain: str,
          source: str) -> ManifestRow:
     info = sf.info(str(audio))
@@ -215,8 +212,12 @@ def plan_retraining(settings: Settings, corrupt_labels: bool = False,
                        created=datetime.now(UTC).isoformat(timespec="seconds"))
     # The teacher's answers: disagreement for active learning, pseudo-labels.
     teacher = SLUPredictor(load_package(teacher_dir), batch_size=settings.decode.batch_size)
-    audio = [_traffic_audio(settings, a) for a in pool["audio"]]
-    preds = teacher.predict_files(pool["request_id"].astype(str).tolist(), audio, progress)
+    # The pool's audio, out of the traffic store's shards into the run's folder: the
+    # training manifest points at files, and the run keeps the data it learnt from.
+    request_ids = pool["request_id"].astype(str).tolist()
+    audio = extract_audio(settings.traffic_root, pool, run_dir / "traffic_audio")
+    audio_of = dict(zip(request_ids, audio, strict=True))
+    preds = teacher.predict_files(request_ids, audio, progress)
     by_id = {p.id: p for p in preds}
     usable = [p.error is None for p in preds]
     pool = pool[usable].reset_index(drop=True)
@@ -232,13 +233,11 @@ def plan_retraining(settings: Settings, corrupt_labels: bool = False,
         a = labels.get(rid)
         if a is None:
             continue  # asked, not (yet) labelled: counts against the budget all the same
-        audio_rel = pool.loc[pool["request_id"] == rid, "audio"].iloc[0]
-        new_rows.append(_row(rid, _traffic_audio(settings, audio_rel), a.transcript, a.intent,
+        new_rows.append(_row(rid, audio_of[rid], a.transcript, a.intent,
                              a.slots, a.domain or predicted_domain(a.intent, a.slots, values),
                              "label"))
     for rid, p in selection.pseudo.items():
-        audio_rel = pool.loc[pool["request_id"] == rid, "audio"].iloc[0]
-        new_rows.append(_row(rid, _traffic_audio(settings, audio_rel), p.transcript, p.intent,
+        new_rows.append(_row(rid, audio_of[rid], p.transcript, p.intent,
                              p.slots, predicted_domain(p.intent, p.slots, values), "pseudo"))
     base = CorpusLayout(settings.workspace / "corpus" / r.base_profile)
     if not base.manifest("train").exists():

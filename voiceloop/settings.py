@@ -1170,6 +1170,12 @@ class Settings(_Strict):
         return self.serving.traffic.root or str(self.workspace / "traffic")
 
     @property
+    def traffic_audio_cache(self) -> Path:
+        """Local copies of stored traffic audio for evaluation on labelled traffic (the
+        gate, the demo's scores): ``<workspace>/cache/traffic_audio``. Safe to delete."""
+        return self.workspace / "cache" / "traffic_audio"
+
+    @property
     def corpus_dir(self) -> Path:
         """Where the corpus of this profile lives: ``<workspace>/corpus/<profile>``."""
         return self.workspace / "corpus" / self.profile

@@ -139,7 +139,7 @@ def test_ingest_validates_quarantines_versions_and_is_idempotent(
         (_record("clipped", 10), loud, RATE),
         (_record("short", 10), speech[6][: RATE // 10], RATE),
         (_record("rate4k", 10, sample_rate=4000), speech[7][::4].copy(), 4000),
-        (_record("broken", 10), speech[3], RATE),  # its stored file is overwritten below
+        (_record("broken", 10), speech[3], RATE),  # its stored file is corrupted below
         (_record("r1", 10, kind="feedback", route=None, model_version="", transcript="",
                  intent="", slots=[], feedback_kind="repeat"), None, None),
     ], commit_minute=1)
@@ -156,8 +156,10 @@ def test_ingest_validates_quarantines_versions_and_is_idempotent(
     assert [b.hour for b in batches] == [10, 11, 12]
     b1, b2, b3 = (b.batch_id for b in batches)
     (Path(root) / batches[2].path).write_bytes(b"PAR1 this is not a parquet file PAR1")
-    stored = read_batch_frame(root, batches[0]).set_index("request_id")["audio"]
-    (Path(root) / stored["broken"]).write_bytes(b"fLaC but not really")
+    stored = read_batch_frame(root, batches[0]).set_index("request_id").loc["broken"]
+    with open(Path(root) / stored["audio"], "r+b") as shard:  # only its file in the shard
+        shard.seek(int(stored["audio_offset"]))
+        shard.write(b"fLaC but not really")
 
     # -- first run ------------------------------------------------------------------------
     first = ingest(settings, predictor)

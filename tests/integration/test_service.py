@@ -18,13 +18,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from serving.app import ADMIN_TOKEN_ENV
 from serving.contracts import UnderstandResponse
 from serving.service import build_app
-from serving.traffic import list_batches, read_batch
+from serving.traffic import list_batches, read_audio, read_batch
 from tests.support import register_tiny, running_server, tone, wav_bytes
 from voiceloop.registry import Registry
 from voiceloop.settings import Settings, load_settings
@@ -258,6 +257,6 @@ def test_every_sent_request_is_in_a_committed_batch(
                   if line.startswith("voiceloop_traffic_dropped "))
     assert float(logged.split()[1]) == 0.0
     one = next(r for r in records if r.kind == "request")
-    audio, rate = sf.read(tmp_path / "traffic" / one.audio)
+    audio, rate = read_audio(root, one)
     assert rate == 16000 and abs(len(audio) / rate - one.duration_s) < 0.01
     assert json.loads(one.model_dump_json())["route"] in ("production", "canary")

@@ -1,15 +1,18 @@
 """The production-traffic store through a real background writer, on a local folder and
 on fsspec's in-memory filesystem: committed batches hold every accepted record exactly
-once, audio round-trips through WAV and FLAC, crash leftovers stay invisible, the queue bound and
-the sampling fraction hold, and the counters always balance:
+once, audio round-trips through WAV and FLAC in per-batch tar shards (a failed append
+rewrites the shard, stores written before shards stay readable), crash leftovers stay
+invisible, the queue bound and the sampling fraction hold, and the counters always balance:
 
     submitted = sampled_out + dropped + logged + failed + queue_depth
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,8 +29,11 @@ from serving import traffic
 from serving.contracts import TrafficRecord
 from serving.traffic import (
     TRAFFIC_SCHEMA,
+    AudioRef,
+    StoredAudio,
     TrafficStats,
     TrafficWriter,
+    extract_audio,
     list_batches,
     read_audio,
     read_batch,
@@ -111,26 +117,34 @@ def test_300_records_round_trip(tmp_path, audio_format: str) -> None:
     assert {(i.dt, i.hour) for i in infos} == {("2026-03-01", 9), ("2026-03-01", 10)}
 
     seen: list[str] = []
+    stored = StoredAudio(root)
     for info in infos:
         assert info.path.startswith(f"batches/dt={info.dt}/hour={info.hour:02d}/")
         assert info.path.endswith(f"{info.batch_id}.parquet")
         assert re.fullmatch(r"\d{8}T\d{6}-[0-9a-f]{8}", info.batch_id)
         batch = read_batch(root, info)
         assert len(batch) == info.records <= 64
+        # The batch's audio is one tar beside it, its members the batch's files in order.
+        shard = f"audio/dt={info.dt}/hour={info.hour:02d}/{info.batch_id}.tar"
+        with tarfile.open(tmp_path / "traffic" / shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        assert list(members) == [f"{r.request_id}.{audio_format}" for r in batch]
         for rec in batch:
             assert rec.timestamp.tzinfo is not None
             ts = rec.timestamp.astimezone(UTC)
             assert (ts.strftime("%Y-%m-%d"), ts.hour) == (info.dt, info.hour)
-            assert rec.audio == (f"audio/dt={info.dt}/hour={info.hour:02d}/"
-                                 f"{rec.request_id}.{audio_format}")
-            assert sf.info(str(tmp_path / "traffic" / rec.audio)).format == audio_format.upper()
+            assert rec.audio == shard and rec.audio_bytes > 0
+            data = stored.read_bytes(AudioRef.of(rec))  # one ranged read, no tar index
+            assert data == members[f"{rec.request_id}.{audio_format}"]
+            assert sf.info(io.BytesIO(data)).format == audio_format.upper()
             seen.append(rec.request_id)
     assert sorted(seen) == sorted(r.request_id for r in records.values())  # exactly once
 
     by_id = {r.request_id: r for r in _all_records(root)}
     for i in (0, 1, 150, 299):
         rec = by_id[f"req-{i:05d}"]
-        want = records[i].model_copy(update={"audio": rec.audio})
+        want = records[i].model_copy(update={"audio": rec.audio, "audio_offset": rec.audio_offset,
+                                             "audio_bytes": rec.audio_bytes})
         assert rec == want  # every field survives Parquet (slots, UTC timestamp, …)
         samples, rate = read_audio(root, rec)
         quantised = np.clip(np.round(audio[i].astype(np.float64) * 32768), -32768, 32767)
@@ -159,9 +173,13 @@ def test_crash_leftovers_are_not_listed(tmp_path) -> None:
     (part / "20260301T095900-deadbeef.parquet.tmp-0123").write_bytes(data[:100])
     (part / "20260301T095901-cafef00d.parquet").write_bytes(data)  # renamed, no marker
     (part / "20260301T095902-0badf00d.commit.json.tmp-4567").write_text("{")
+    audio = tmp_path / "traffic" / "audio" / "dt=2026-03-01" / "hour=09"
+    audio.mkdir(parents=True)
+    (audio / "20260301T095903-feedf00d.tar").write_bytes(b"\0" * 512)  # a crash mid-batch
 
     assert list_batches(root) == [committed]
     assert uncommitted(root) == [
+        "audio/dt=2026-03-01/hour=09/20260301T095903-feedf00d.tar",
         "batches/dt=2026-03-01/hour=09/20260301T095900-deadbeef.parquet.tmp-0123",
         "batches/dt=2026-03-01/hour=09/20260301T095901-cafef00d.parquet",
         "batches/dt=2026-03-01/hour=09/20260301T095902-0badf00d.commit.json.tmp-4567",
@@ -300,3 +318,78 @@ def test_memory_filesystem_url(memory_root: str) -> None:
     fs = fsspec.filesystem("memory")
     assert fs.exists(f"{memory_root}/{infos[0].marker}")
     assert fs.exists(f"{memory_root}/{recs['req-00000'].audio}")
+
+
+def test_failed_append_rewrites_the_shard_at_commit(tmp_path, monkeypatch) -> None:
+    root = str(tmp_path / "traffic")
+    real = traffic._AudioShard.add
+    calls = {"n": 0}
+
+    def flaky(self, name, data):  # the 3rd append fails after writing half its bytes
+        calls["n"] += 1
+        if calls["n"] == 3:
+            self._file.write(data[: len(data) // 2])
+            raise OSError(5, "Input/output error")
+        return real(self, name, data)
+
+    monkeypatch.setattr(traffic._AudioShard, "add", flaky)
+    audio = {i: np.full(300 + i, (i + 1) / 10, np.float32) for i in range(5)}
+    with TrafficWriter(root, _settings(batch_max_records=5)) as writer:
+        for i in range(5):
+            writer.submit(_record(i), audio[i], SR)
+    stats = writer.stats()
+    assert (stats.logged, stats.failed, stats.batches) == (5, 0, 1) and _balanced(stats)
+    assert calls["n"] == 3 + 5  # appends stop at the failure; the commit appends all 5 again
+    recs = _all_records(root)
+    for rec in recs:
+        samples, _ = read_audio(root, rec)
+        np.testing.assert_allclose(samples, audio[int(rec.request_id[-5:])], atol=1 / 32768)
+    with tarfile.open(tmp_path / "traffic" / recs[0].audio) as tar:  # whole and valid
+        assert tar.getnames() == [f"{r.request_id}.wav" for r in recs]
+    assert uncommitted(root) == []
+
+
+def test_stores_from_before_shards_stay_readable(tmp_path) -> None:
+    """A v1 batch (no audio_offset / audio_bytes columns, one WAV file per request)."""
+    root = tmp_path / "traffic"
+    part = "dt=2026-03-01/hour=09"
+    (root / "audio" / part).mkdir(parents=True)
+    (root / "batches" / part).mkdir(parents=True)
+    sf.write(root / "audio" / part / "req-00000.wav", np.full(320, 0.5, np.float32), SR,
+             subtype="PCM_16")
+    rec = _record(0, audio=f"audio/{part}/req-00000.wav")
+    table = traffic._table([rec]).drop_columns(["audio_offset", "audio_bytes"])
+    data = traffic._parquet_bytes(table, "20260301T095900-00000001")
+    (root / "batches" / part / "20260301T095900-00000001.parquet").write_bytes(data)
+    (root / "batches" / part / "20260301T095900-00000001.commit.json").write_text(json.dumps({
+        "batch_id": "20260301T095900-00000001", "dt": "2026-03-01", "hour": 9, "records": 1,
+        "created": T0.isoformat(), "file": f"batches/{part}/20260301T095900-00000001.parquet",
+        "bytes": len(data)}))
+    (info,) = list_batches(str(root))
+    frame = read_batch_frame(str(root), info)
+    assert list(frame.columns) == TRAFFIC_SCHEMA.names
+    assert (frame["audio_offset"].tolist(), frame["audio_bytes"].tolist()) == ([0], [0])
+    (old,) = read_batch(str(root), info)
+    samples, rate = read_audio(str(root), old)
+    assert rate == SR and np.all(samples == 0.5)
+    (copy,) = extract_audio(str(root), frame, tmp_path / "local")
+    assert copy == tmp_path / "local" / "req-00000.wav"
+    assert copy.read_bytes() == (root / "audio" / part / "req-00000.wav").read_bytes()
+
+
+def test_extract_audio_copies_members_to_local_files(tmp_path) -> None:
+    root = str(tmp_path / "traffic")
+    with TrafficWriter(root, _settings(audio_format="flac")) as writer:
+        for i in range(3):
+            writer.submit(_record(i), np.full(400, 0.1 * (i + 1), np.float32), SR)
+    (info,) = list_batches(root)
+    frame = read_batch_frame(root, info)
+    paths = extract_audio(root, frame, tmp_path / "local")
+    assert [p.name for p in paths] == ["req-00000.flac", "req-00001.flac", "req-00002.flac"]
+    for i, path in enumerate(paths):
+        samples, rate = sf.read(path, dtype="float32")
+        assert rate == SR and np.allclose(samples, 0.1 * (i + 1), atol=1 / 32768)
+    assert extract_audio(root, frame, tmp_path / "local") == paths  # again: kept as is
+    with pytest.raises(ValueError, match="truncated"):
+        StoredAudio(root).read_bytes(AudioRef(info.path.replace("batches", "audio").replace(
+            ".parquet", ".tar"), offset=10**6, size=100))
