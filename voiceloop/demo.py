@@ -17,6 +17,9 @@
    and after.
 5. A deliberately bad candidate (trained on shuffled labels) is caught by the gate (or
    the canary) and never becomes production.
+6. When the drift-triggered candidate was promoted: the monitor on the new version,
+   judged against its own first live rows once it has warmed up — the shift it was
+   retrained for must not be found again.
 
 It prints a short story with the figures, each decision and why, and the URLs of the
 Prefect UI, the MLflow UI and the Evidently report; progress lines all along.
@@ -260,6 +263,54 @@ def _wait_for(check: Callable[[], Any], what: str, timeout_s: float, every_s: fl
     raise TimeoutError(f"{what} did not happen within {timeout_s:g} s")
 
 
+SETTLE_CHECKS = 3
+"""Monitor checks on the promoted version before the demo stops waiting for its warm-up."""
+
+
+def _settled_check(url: str, scenario: str, settings: Settings, story: DemoStory,
+                   version: str, check: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run the monitor on the promoted version until it has warmed up, then once more.
+
+    A retrained version is judged against its own first ``monitoring.reference_rows``
+    live rows (``monitoring.adapted_reference: live``): the drifted traffic it was
+    retrained for becomes its normal, so the shift that started the retraining must not
+    be found again. Until it has answered that many rows the monitor says "warming up";
+    the users keep talking (``check`` ingests, then runs the monitor flow)."""
+    from serving.simulator import simulate
+
+    window = settings.monitoring.drift.window_rows
+    result: dict[str, Any] = {}
+    for attempt in range(1, SETTLE_CHECKS + 1):
+        result = check()
+        if not result.get("warming_up"):
+            break
+        live = int(result.get("live_rows", 0))
+        missing = settings.monitoring.reference_rows - live + window
+        story.add(f"drift check on version {version}: warming up ({live} of the "
+                  f"{settings.monitoring.reference_rows} rows of its live reference); "
+                  f"{missing} more {scenario} requests")
+        _say(f"{scenario} users: {missing} requests for version {version}'s warm-up …")
+        # ~10 % more: quarantined or feedback rows do not count.
+        simulate(url, scenario, settings=settings, requests=int(missing * 1.1) + 1, rate=0,
+                 concurrency=4, progress=False, seed=settings.seed + 200 + attempt)
+    story.figures["settled_check"] = {k: result.get(k) for k in
+                                      ("drifted", "sufficient", "warming_up", "window",
+                                       "reasons", "report_dir")}
+    if result.get("warming_up"):
+        story.add(f"version {version} still warming up after {SETTLE_CHECKS} checks: no "
+                  "decision")
+    elif result.get("drifted"):
+        story.add(f"drift check on version {version} against its own live reference: DRIFT "
+                  f"again on {result.get('window')} {scenario} requests: "
+                  + "; ".join(result.get("reasons") or []))
+    else:
+        story.add(f"drift check on version {version} against its own first "
+                  f"{settings.monitoring.reference_rows} live rows: no drift on the latest "
+                  f"{result.get('window')} {scenario} requests — the shift it was retrained "
+                  "for is its normal now")
+    return result
+
+
 def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: bool = False,
              requests: int = 300) -> DemoStory:
     """Run the loop end to end in ``settings.workspace`` (wiped first); see the module
@@ -441,6 +492,11 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
             status = _wait_for(lambda: rolled_out(bad["version"]), "the bad candidate's rollout", 1500)
         tags = registry.version_tags(bad["version"])
         story.add(f"bad version {bad['version']}: {status}: {tags.get('rollout.reason', '')[:300]}")
+        if now is not None and now.version != prod.version:
+            # Last, because a drift found here would start a retraining of its own.
+            _settled_check(url, scenario, settings, story, now.version,
+                           lambda: (ingest_flow(settings.profile, str(ws)),
+                                    monitor_flow(settings.profile, str(ws)))[1])
         aliases = registry.aliases()
         production_count = sum(1 for a in aliases if a == "production")
         story.figures.update({"aliases": aliases, "production_count": production_count,

@@ -43,3 +43,31 @@ def test_the_drift_line_claims_an_event_only_when_an_alert_was_raised() -> None:
     # a window inside an episode that is already open raises no alert and emits no event
     quiet = demo.drift_line({"alert_id": None, "reasons": ["data drift: snr_db"]})
     assert "emitted" not in quiet and "still open" in quiet and "snr_db" in quiet
+
+
+def test_the_settled_check_feeds_the_warm_up_then_reports_the_decision(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The promoted version warms up on its own live rows: the demo sends what is missing
+    (reference_rows - live_rows + one window, ~10 % spare), then reports the decision."""
+    import serving.simulator
+
+    sent: list[int] = []
+    monkeypatch.setattr(serving.simulator, "simulate",
+                        lambda url, scenario, **kw: sent.append(kw["requests"]))
+    settings = load_settings(profile="tiny")
+    need, window = settings.monitoring.reference_rows, settings.monitoring.drift.window_rows
+    answers = iter([{"drifted": False, "warming_up": True, "live_rows": 10},
+                    {"drifted": False, "sufficient": True, "window": window, "reasons": []}])
+    story = demo.DemoStory()
+    result = demo._settled_check("http://127.0.0.1:9", "accent_shift", settings, story, "2",
+                                 lambda: next(answers))
+    assert sent == [int((need - 10 + window) * 1.1) + 1]
+    assert result["drifted"] is False and story.figures["settled_check"]["warming_up"] is None
+    assert "warming up (10 of" in story.events[0] and "no drift" in story.events[-1]
+
+    again = iter([{"drifted": True, "sufficient": True, "window": window,
+                   "reasons": ["data drift: snr_db"]}])
+    story = demo.DemoStory()
+    demo._settled_check("http://127.0.0.1:9", "accent_shift", settings, story, "2",
+                        lambda: next(again))
+    assert "DRIFT again" in story.events[-1] and "snr_db" in story.events[-1]
