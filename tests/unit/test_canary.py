@@ -13,7 +13,13 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from monitoring.canary import CANARY_CHECKS, CanaryAnalysis, analyse_step, collect_traffic
+from monitoring.canary import (
+    CANARY_CHECKS,
+    CanaryAnalysis,
+    analyse_step,
+    collect_traffic,
+    tail_excess_p_value,
+)
 from serving.contracts import TrafficRecord
 from serving.traffic import TRAFFIC_SCHEMA, TrafficWriter
 from voiceloop.settings import (
@@ -148,6 +154,39 @@ def test_twice_the_p95_latency_fails() -> None:
     result = analyse(frame(slow, route_records("canary", "2", 1000, latency_factor=60.0)))
     assert failed_names(result) == {"latency_p95"}
     assert "absolute maximum" in result.reasons[0]
+
+
+def test_a_p95_above_the_limit_from_a_few_stalls_is_not_significant() -> None:
+    """34 canary answers like production's but two stalls: the p95 (their second-slowest)
+    is far above the limit, yet 2 of 34 above it is what a p95 at the limit allows."""
+    few = SETTINGS.model_copy(update={"step": SETTINGS.step.model_copy(
+        update={"min_samples": 30})})
+
+    def with_stalls(ids: set[int]) -> list[TrafficRecord]:
+        return [r.model_copy(update={"latency_ms": 185.0})
+                if r.kind == "request" and int(r.request_id.rsplit("-", 1)[1]) in ids else r
+                for r in route_records("canary", "2", 34)]
+
+    result = analyse(frame(PRODUCTION, with_stalls({5, 20})), few)
+    check = next(c for c in result.checks if c.name == "latency_p95")
+    assert check.canary > check.limit and check.passed
+    assert check.p_value is not None and check.p_value > 0.3
+    assert "2 of 34 canary requests slower than the limit is not significant" in check.detail
+    # Ten stalls among the same 34 are no noise.
+    result = analyse(frame(PRODUCTION, with_stalls(set(range(0, 30, 3)))), few)
+    check = next(c for c in result.checks if c.name == "latency_p95")
+    assert not check.passed and check.p_value is not None and check.p_value < 0.001
+    assert failed_names(result) == {"latency_p95"}
+
+
+def test_tail_excess_p_value() -> None:
+    assert tail_excess_p_value(0, 30) == pytest.approx(1.0)
+    assert tail_excess_p_value(2, 34) == pytest.approx(1 - 0.95**34 - 34 * 0.05 * 0.95**33)
+    assert tail_excess_p_value(30, 30) < 1e-30
+    with pytest.raises(ValueError, match="slower=5, n=4"):
+        tail_excess_p_value(5, 4)
+    with pytest.raises(ValueError, match="1.5"):
+        tail_excess_p_value(1, 4, share=1.5)
 
 
 def test_a_shifted_intent_distribution_fails_on_disagreement() -> None:

@@ -1,5 +1,6 @@
-"""PredictorPool.predict: requests that wait together run as one batch, each caller gets
-its own answer, and a failing batch fails each of its callers."""
+"""PredictorPool: every predictor is warmed up before the pool serves; requests that wait
+together run as one batch, each caller gets its own answer, and a failing batch fails
+each of its callers."""
 
 from __future__ import annotations
 
@@ -52,7 +53,20 @@ def _pool(bundle: Path, max_batch: int) -> tuple[PredictorPool, _Counting]:
         return made[-1]  # type: ignore[return-value]
 
     pool = PredictorPool(bundle, 1, factory, max_batch=max_batch)
+    made[0].batches.clear()  # the warm-up's calls
     return pool, made[0]
+
+
+def test_every_predictor_is_warmed_up_before_the_pool_serves(bundle: Path) -> None:
+    made: list[_Counting] = []
+
+    def factory(folder: Path) -> BatchPredictor:
+        made.append(_Counting(load_predictor(folder, use_lm=False)))
+        return made[-1]  # type: ignore[return-value]
+
+    pool = PredictorPool(bundle, 2, factory)
+    assert [m.batches for m in made] == [[1, 1, 1], [1, 1, 1]]
+    assert pool.warm_up_ms > 0
 
 
 def _call_all(pool: PredictorPool, waves: list[np.ndarray]) -> dict[str, object]:
