@@ -92,7 +92,7 @@ def _labelled_traffic(settings: Settings, limit: int) -> list[ManifestRow]:
         audio = extract_audio(settings.traffic_root, frame, settings.traffic_audio_cache)
         rows += [labels[rid].manifest_row(str(local), duration)
                  for rid, local, duration in zip(frame["request_id"], audio, frame["duration_s"],
-                                                 strict=True)]
+                                                 strict=True) if local is not None]
         if len(rows) >= limit:
             break
     return rows[:limit]

@@ -89,6 +89,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
+from fsspec.spec import AbstractBufferedFile
 
 from serving.contracts import TrafficRecord
 from voiceloop.settings import TrafficSettings
@@ -151,10 +152,11 @@ _TAR_BLOCK = 512
 # FLAC's format limit; soundfile fails on anything outside it, which would fail the whole
 # batch in the writer thread, so submit() rejects it up front.
 _MAX_SAMPLE_RATE = 655_350
-# The writer thread wakes when this many records wait, or every _WAKE_S seconds, not on
-# every submit: each wake-up is a futex wake and a thread switch (on a VM an
-# inter-processor interrupt), which cost the service more CPU per request than the
-# append of the record's audio itself.
+# While a batch is open, the writer thread wakes when this many records wait or every
+# _WAKE_S seconds, not on every submit (an idle writer sleeps until the next submit):
+# each wake-up is a futex wake and a thread switch (on a VM an inter-processor
+# interrupt), which cost the service more CPU per request than the append of the
+# record's audio itself.
 _WAKE_RECORDS = 8
 _WAKE_S = 0.05
 # Request ids become file names: keep them to characters every object store accepts.
@@ -347,9 +349,14 @@ class _AudioShard:
 
     def discard(self) -> None:
         """Close without ending the archive (it is about to be written again, or left
-        for :func:`uncommitted`)."""
+        for :func:`uncommitted`); on object storage the pending upload is abandoned
+        instead of completed."""
         try:
-            self._file.close()
+            if isinstance(self._file, AbstractBufferedFile):
+                self._file.discard()  # e.g. s3: abort the multipart upload
+                self._file.closed = True
+            else:
+                self._file.close()
         except Exception:  # best effort: the shard is not used
             log.warning("could not close audio shard %s", self.rel, exc_info=True)
 
@@ -380,8 +387,14 @@ class AudioRef:
         if isinstance(row, TrafficRecord):
             return cls(row.audio, row.audio_offset, row.audio_bytes)
         path = row.get("audio")
-        return cls(path if isinstance(path, str) else "", int(row.get("audio_offset") or 0),
-                   int(row.get("audio_bytes") or 0))
+
+        def count(key: str) -> int:
+            # Frames that join older rows with newer ones hold NaN where a column was missing.
+            value = row.get(key)
+            return 0 if value is None or pd.isna(value) else int(value)
+
+        return cls(path if isinstance(path, str) else "", count("audio_offset"),
+                   count("audio_bytes"))
 
 
 @dataclass(frozen=True)
@@ -477,6 +490,10 @@ class TrafficWriter:
         self._batches = 0
         self._write_errors = 0
         self._flush_waiters = 0
+        self._idle = False  # the writer waits with no batch open: the next submit wakes it
+        # Partitions whose shard was closed by a commit attempt that failed later (the
+        # Parquet or the marker): the retry keeps the shard instead of writing it again.
+        self._sealed: dict[tuple[str, int], str] = {}
         self._closing = False
         self._thread: threading.Thread | None = None
 
@@ -557,7 +574,7 @@ class TrafficWriter:
                 self._dropped += 1
                 return False
             self._queue.append(_Item(record, pcm, rate, time.monotonic()))
-            if len(self._queue) >= _WAKE_RECORDS:
+            if self._idle or len(self._queue) == _WAKE_RECORDS:
                 self._cond.notify_all()
             return True
 
@@ -666,7 +683,9 @@ class TrafficWriter:
                     if not batch:
                         if self._closing:
                             return None
-                        self._cond.wait(_WAKE_S)
+                        self._idle = True
+                        self._cond.wait()
+                        self._idle = False
                         continue
                     left = batch[0].enqueued_at + max_seconds - time.monotonic()
                     if (len(batch) >= max_records or left <= 0 or self._closing
@@ -725,11 +744,16 @@ class TrafficWriter:
         shard written again, whole, under the same name. Raises what the store raised."""
         with_audio = [item for item in items if item.pcm is not None]
         shard = self._shards.pop((dt, hour), None)
+        sealed = self._sealed.get((dt, hour))
+        if shard is None and sealed is not None and all(
+                item.audio_rel == sealed for item in with_audio):
+            return  # closed by an earlier attempt whose Parquet or marker write failed
         if shard is not None:
             if shard.batch_id == batch_id and not shard.broken and all(
                     item.audio_rel == shard.rel for item in with_audio):
                 try:
                     shard.close()
+                    self._sealed[(dt, hour)] = shard.rel
                     return
                 except Exception:
                     log.warning("closing audio shard %s failed; writing it again", shard.rel,
@@ -743,6 +767,7 @@ class TrafficWriter:
             for item in with_audio:
                 self._append(shard, item)
             shard.close()
+            self._sealed[(dt, hour)] = shard.rel
         except BaseException:
             shard.discard()
             raise
@@ -765,6 +790,7 @@ class TrafficWriter:
                                   "on attempt %d of 2", batch_id, len(items), dt, hour, attempt)
                     with self._cond:
                         self._write_errors += 1
+            self._sealed.pop((dt, hour), None)
             with self._cond:
                 self._in_flight -= len(items)
                 if ok:
@@ -922,21 +948,33 @@ class StoredAudio:
         samples, rate = sf.read(io.BytesIO(self.read_bytes(ref)), dtype="float32")
         return samples, int(rate)
 
-    def extract(self, refs: Sequence[tuple[str, AudioRef]], dest: Path) -> list[Path]:
-        """Copy each ``(name, ref)``'s audio file to ``dest/<name>.<wav|flac|ogg>`` (a file
-        already there with the same size is kept) for readers that need local files
-        (training manifests, evaluation); returns the paths in order.
+    def extract(self, refs: Sequence[tuple[str, AudioRef | None]],
+                dest: Path) -> list[Path | None]:
+        """Copy each ``(name, ref)``'s audio file to ``dest/<name><suffix>`` — ``.wav``,
+        ``.flac`` or ``.ogg`` by its content, else the stored file's own suffix, else
+        ``.bin`` (a file already there with the same size is kept) — for readers that need
+        local files (training manifests, evaluation); returns the paths in order, None
+        (logged) where ``ref`` is None or its audio is missing or truncated: one bad row
+        must not stop a retraining or a gate.
 
         Raises:
-            ValueError: a name that is not a plain file name, or a truncated shard.
-            FileNotFoundError: a shard or file is missing.
+            ValueError: a name that is not a plain file name.
         """
         dest.mkdir(parents=True, exist_ok=True)
-        paths: list[Path] = []
+        paths: list[Path | None] = []
         for name, ref in refs:
             if not name or name.startswith(".") or not set(name) <= _SAFE_ID:
                 raise ValueError(f"{name!r} cannot name an audio file")
-            data = self.read_bytes(ref)
+            if ref is None:
+                log.warning("no stored audio for %s", name)
+                paths.append(None)
+                continue
+            try:
+                data = self.read_bytes(ref)
+            except (FileNotFoundError, ValueError) as exc:
+                log.warning("no local copy of the audio of %s: %s", name, exc)
+                paths.append(None)
+                continue
             suffix = next((sfx for magic, sfx in _MAGIC_SUFFIX if data.startswith(magic)),
                           Path(ref.path).suffix if ref.size == 0 else ".bin")
             path = dest / f"{name}{suffix}"
@@ -959,11 +997,19 @@ def read_audio(root: str, record: TrafficRecord) -> tuple[np.ndarray, int]:
     return StoredAudio(root).read(AudioRef.of(record))
 
 
-def extract_audio(root: str, rows: pd.DataFrame, dest: Path) -> list[Path]:
+def extract_audio(root: str, rows: pd.DataFrame, dest: Path) -> list[Path | None]:
     """The stored audio of traffic or curated ``rows`` (``request_id``, ``audio`` and, from
     audio shards on, ``audio_offset`` / ``audio_bytes``) as local files
-    ``dest/<request_id>.wav`` (see :meth:`StoredAudio.extract`), in row order."""
-    refs = [(str(row["request_id"]), AudioRef.of(row)) for row in rows.to_dict("records")]
+    ``dest/<request_id>.wav`` (or ``.flac``; see :meth:`StoredAudio.extract`), in row
+    order; None for a row without readable audio (logged)."""
+
+    def ref(row: Mapping[str, Any]) -> AudioRef | None:
+        try:
+            return AudioRef.of(row)
+        except ValueError:  # no audio stored (audio == "")
+            return None
+
+    refs = [(str(row["request_id"]), ref(row)) for row in rows.to_dict("records")]
     return StoredAudio(root).extract(refs, dest)
 
 

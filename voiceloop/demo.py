@@ -154,7 +154,7 @@ def paired_scores(settings: Settings, registry: Any, run_id: str, since: datetim
     audio = extract_audio(settings.traffic_root, frame, settings.traffic_audio_cache)
     rows = [labels[rid].manifest_row(str(local), duration)
             for rid, local, duration in zip(frame["request_id"], audio, frame["duration_s"],
-                                            strict=True)]
+                                            strict=True) if local is not None]
     if not rows:
         raise LookupError(f"simulator run {run_id}: no annotated request in the traffic store")
     scores: dict[str, dict[str, float]] = {}
@@ -282,7 +282,7 @@ def _settled_check(url: str, scenario: str, settings: Settings, story: DemoStory
     result: dict[str, Any] = {}
     for attempt in range(1, SETTLE_CHECKS + 1):
         result = check()
-        if not result.get("warming_up"):
+        if not result.get("warming_up") or attempt == SETTLE_CHECKS:
             break
         live = int(result.get("live_rows", 0))
         missing = settings.monitoring.reference_rows - live + window

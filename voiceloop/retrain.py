@@ -214,8 +214,14 @@ def plan_retraining(settings: Settings, corrupt_labels: bool = False,
     teacher = SLUPredictor(load_package(teacher_dir), batch_size=settings.decode.batch_size)
     # The pool's audio, out of the traffic store's shards into the run's folder: the
     # training manifest points at files, and the run keeps the data it learnt from.
+    copies = extract_audio(settings.traffic_root, pool, run_dir / "traffic_audio")
+    readable = [path is not None for path in copies]
+    if not all(readable):
+        log.warning("retraining: %d of %d pooled samples have no readable stored audio; "
+                    "left out", readable.count(False), len(copies))
+    pool = pool[readable].reset_index(drop=True)
+    audio = [path for path in copies if path is not None]
     request_ids = pool["request_id"].astype(str).tolist()
-    audio = extract_audio(settings.traffic_root, pool, run_dir / "traffic_audio")
     audio_of = dict(zip(request_ids, audio, strict=True))
     preds = teacher.predict_files(request_ids, audio, progress)
     by_id = {p.id: p for p in preds}

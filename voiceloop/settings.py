@@ -835,12 +835,15 @@ class CanaryMetricSettings(_Strict):
 
     - ``max_error_rate_increase``: malformed answers (no intent and no clarify, or a
       confidence that is not a number in [0, 1]): canary − production ≤ this.
-    - ``rate_alpha``: the rate checks (error, clarify, feedback) and the confidence
-      check fail only when the canary's excess beyond the allowed difference is also
-      significant: a one-sided z-test (two proportions; two means) gives p < this (30
-      canary answers put ±9 pt of noise on a 40 % rate).
+    - ``rate_alpha``: the rate checks (error, clarify, feedback), the confidence check
+      and the latency check fail only when the canary's excess beyond the allowed
+      difference is also significant: a one-sided z-test (two proportions; two means) or,
+      for latency, a binomial test of the share of canary requests slower than the limit
+      gives p < this (30 canary answers put ±9 pt of noise on a 40 % rate; of 34 canary
+      answers, 6 slower than the limit fail the latency check, 5 do not).
     - ``max_latency_p95_ratio`` / ``max_latency_p95_ms``: server-side p95 latency:
-      canary ≤ production × ratio and ≤ this many milliseconds.
+      canary ≤ production × ratio and ≤ this many milliseconds (or not significantly
+      above, see ``rate_alpha``).
     - ``max_clarify_rate_increase``: canary − production ≤ this.
     - ``max_intent_distance``: Jensen–Shannon distance (natural log, 0–0.83) between
       the two routes' intent distributions; fails only when it is also significant: a

@@ -349,6 +349,52 @@ def test_failed_append_rewrites_the_shard_at_commit(tmp_path, monkeypatch) -> No
     assert uncommitted(root) == []
 
 
+def test_a_retry_after_the_shard_was_sealed_keeps_it(tmp_path, monkeypatch) -> None:
+    """The Parquet write fails once after the shard was closed: the retry commits the
+    batch without writing its audio again."""
+    root = str(tmp_path / "traffic")
+    real_parquet, real_add = traffic._parquet_bytes, traffic._AudioShard.add
+    calls = {"parquet": 0, "add": 0}
+
+    def flaky(table, batch_id):
+        calls["parquet"] += 1
+        if calls["parquet"] == 1:
+            raise OSError(28, "No space left on device")
+        return real_parquet(table, batch_id)
+
+    def counted(self, name, data):
+        calls["add"] += 1
+        return real_add(self, name, data)
+
+    monkeypatch.setattr(traffic, "_parquet_bytes", flaky)
+    monkeypatch.setattr(traffic._AudioShard, "add", counted)
+    with TrafficWriter(root, _settings(batch_max_records=4)) as writer:
+        for i in range(4):
+            writer.submit(_record(i), np.full(200, 0.5, np.float32), SR)
+    stats = writer.stats()
+    assert (stats.logged, stats.write_errors, calls["add"]) == (4, 1, 4)
+    assert all(np.all(read_audio(root, r)[0] == 0.5) for r in _all_records(root))
+
+
+def test_missing_audio_is_left_out_of_local_copies(tmp_path) -> None:
+    root = str(tmp_path / "traffic")
+    with TrafficWriter(root, _settings()) as writer:
+        for i in range(2):
+            writer.submit(_record(i), np.full(400, 0.25, np.float32), SR)
+    (info,) = list_batches(root)
+    frame = read_batch_frame(root, info)
+    # Curated frames that join files from before shards hold NaN in the new columns.
+    old = frame.iloc[[0]].assign(audio_offset=np.nan, audio_bytes=np.nan, request_id="old")
+    gone = frame.iloc[[1]].assign(audio="audio/dt=2026-03-01/hour=09/missing.tar",
+                                  request_id="gone")
+    silent = frame.iloc[[1]].assign(audio="", request_id="silent")
+    rows = pd.concat([frame, old, gone, silent], ignore_index=True)
+    assert AudioRef.of(rows.iloc[2].to_dict()) == AudioRef(frame["audio"].iloc[0])  # whole file
+    paths = extract_audio(root, rows, tmp_path / "local")
+    assert [p.name if p else None for p in paths] == [
+        "req-00000.wav", "req-00001.wav", "old.tar", None, None]
+
+
 def test_stores_from_before_shards_stay_readable(tmp_path) -> None:
     """A v1 batch (no audio_offset / audio_bytes columns, one WAV file per request)."""
     root = tmp_path / "traffic"
