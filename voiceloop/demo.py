@@ -282,13 +282,20 @@ def _settled_check(url: str, scenario: str, settings: Settings, story: DemoStory
     result: dict[str, Any] = {}
     for attempt in range(1, SETTLE_CHECKS + 1):
         result = check()
-        if not result.get("warming_up") or attempt == SETTLE_CHECKS:
+        decided = not result.get("warming_up") and result.get("sufficient", True)
+        if decided or attempt == SETTLE_CHECKS:
             break
-        live = int(result.get("live_rows", 0))
-        missing = settings.monitoring.reference_rows - live + window
-        story.add(f"drift check on version {version}: warming up ({live} of the "
-                  f"{settings.monitoring.reference_rows} rows of its live reference); "
-                  f"{missing} more {scenario} requests")
+        if result.get("warming_up"):
+            live = int(result.get("live_rows", 0))
+            missing = settings.monitoring.reference_rows - live + window
+            story.add(f"drift check on version {version}: warming up ({live} of the "
+                      f"{settings.monitoring.reference_rows} rows of its live reference); "
+                      f"{missing} more {scenario} requests")
+        else:  # warmed up, but too few rows after its reference for a decision
+            seen = int(result.get("window") or 0)
+            missing = window - seen
+            story.add(f"drift check on version {version}: {seen} rows after its live "
+                      f"reference, too few for a decision; {missing} more {scenario} requests")
         _say(f"{scenario} users: {missing} requests for version {version}'s warm-up …")
         # ~10 % more: quarantined or feedback rows do not count.
         simulate(url, scenario, settings=settings, requests=int(missing * 1.1) + 1, rate=0,
@@ -296,9 +303,9 @@ def _settled_check(url: str, scenario: str, settings: Settings, story: DemoStory
     story.figures["settled_check"] = {k: result.get(k) for k in
                                       ("drifted", "sufficient", "warming_up", "window",
                                        "reasons", "report_dir")}
-    if result.get("warming_up"):
-        story.add(f"version {version} still warming up after {SETTLE_CHECKS} checks: no "
-                  "decision")
+    if result.get("warming_up") or not result.get("sufficient", True):
+        story.add(f"version {version}: no drift decision after {SETTLE_CHECKS} checks "
+                  "(warming up, or too few rows after its live reference)")
     elif result.get("drifted"):
         story.add(f"drift check on version {version} against its own live reference: DRIFT "
                   f"again on {result.get('window')} {scenario} requests: "
@@ -511,5 +518,11 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
                 time.sleep(3600)
         return story
     finally:
+        try:  # the in-process flows' last log lines, while the Prefect server still runs
+            from prefect.logging.handlers import APILogHandler
+
+            APILogHandler().flush()
+        except Exception:
+            log.debug("flushing Prefect's API logs failed", exc_info=True)
         procs.stop()
         api_settings.__exit__(None, None, None)

@@ -48,7 +48,8 @@ def test_the_drift_line_claims_an_event_only_when_an_alert_was_raised() -> None:
 def test_the_settled_check_feeds_the_warm_up_then_reports_the_decision(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The promoted version warms up on its own live rows: the demo sends what is missing
-    (reference_rows - live_rows + one window, ~10 % spare), then reports the decision."""
+    (reference_rows - live_rows + one window, ~10 % spare; then what a window lacks), and
+    reports only a decided check as one."""
     import serving.simulator
 
     sent: list[int] = []
@@ -57,13 +58,22 @@ def test_the_settled_check_feeds_the_warm_up_then_reports_the_decision(
     settings = load_settings(profile="tiny")
     need, window = settings.monitoring.reference_rows, settings.monitoring.drift.window_rows
     answers = iter([{"drifted": False, "warming_up": True, "live_rows": 10},
+                    {"drifted": False, "sufficient": False, "window": 3, "reasons": []},
                     {"drifted": False, "sufficient": True, "window": window, "reasons": []}])
     story = demo.DemoStory()
     result = demo._settled_check("http://127.0.0.1:9", "accent_shift", settings, story, "2",
                                  lambda: next(answers))
-    assert sent == [int((need - 10 + window) * 1.1) + 1]
+    # warming up: the rest of the reference and a window; then a window's missing rows
+    assert sent == [int((need - 10 + window) * 1.1) + 1, int((window - 3) * 1.1) + 1]
+    assert "too few for a decision" in story.events[1]
     assert result["drifted"] is False and story.figures["settled_check"]["warming_up"] is None
     assert "warming up (10 of" in story.events[0] and "no drift" in story.events[-1]
+
+    undecided = iter([{"drifted": False, "sufficient": False, "window": 3}] * 3)
+    story = demo.DemoStory()
+    demo._settled_check("http://127.0.0.1:9", "accent_shift", settings, story, "2",
+                        lambda: next(undecided))
+    assert "no drift decision" in story.events[-1] and len(sent) == 4  # none after the last
 
     again = iter([{"drifted": True, "sufficient": True, "window": window,
                    "reasons": ["data drift: snr_db"]}])
