@@ -1,4 +1,5 @@
-"""Teacher recipe trials: each recipe change of issue 12 against the recipe without it.
+"""Recipe trials of issue 12: each change against the recipe without it — teacher arms,
+and student arms distilled from the released teacher (``--student``).
 
 Every arm trains the teacher with the ``full`` profile's settings plus its overrides on
 the same random subset of the training split (``--train`` utterances) for the same number
@@ -24,6 +25,16 @@ Arms (overrides of the current recipe, named by what they change):
 - ``learned_weights``: uncertainty weighting instead of fixed weights;
 - ``no_inter_ctc``, ``no_warp``, ``no_ramp``: each addition removed.
 
+Student arms (``--student``; distilled from ``release/teacher``, the student's settings
+plus the arm's overrides, same subset / epochs / one thread, QAT off — the float student
+is what is compared):
+
+- ``student``: the released student's recipe (causal convolutions, causal running
+  mean normalisation: streamable);
+- ``student_full_context``: non-causal convolutions, global CMVN and full-context
+  attention in every batch (no dynamic-chunk training: not streamable) — does
+  streamability cost the student its acoustic model?
+
 Writes ``benchmarks/results/recipe_trials.json`` (merged across runs) and prints a table.
 """
 
@@ -38,6 +49,7 @@ from typing import Any
 
 import torch
 
+from model.training.student import train_student
 from model.training.teacher import train_teacher
 from voiceloop.settings import Settings, load_settings
 
@@ -61,6 +73,15 @@ ARMS: dict[str, dict[str, Any]] = {
 }
 
 
+STUDENT_ARMS: dict[str, dict[str, Any]] = {
+    "student": {},
+    "student_full_context": {"student": {"model": {"causal_conv": False},
+                                         "normalise": "global",
+                                         "streaming": {"full_context_p": 1.0}}},
+}
+TEACHER = Path(__file__).resolve().parent.parent / "release" / "teacher"
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -72,18 +93,22 @@ def arm_settings(base: Settings, arm: str, train: int, valid: int, epochs: int,
                  out_root: Path) -> Settings:
     """``base`` with the arm's overrides and the trial's size, budget and thread count."""
     data = base.model_dump()
-    trial = {"train": {"epochs": epochs, "max_train_utterances": train,
-                       "eval_max_utterances": valid, "max_minutes": None, "threads": 1,
-                       "min_epochs": epochs, "warmup_steps": 150},
-             "decode": {"lm": {"enabled": False}, "calibrate": False}}
-    data = _merge(_merge(data, trial), ARMS[arm])
+    budget = {"epochs": epochs, "max_train_utterances": train, "eval_max_utterances": valid,
+              "max_minutes": None, "threads": 1, "min_epochs": epochs, "warmup_steps": 150}
+    trial = {"train": budget, "decode": {"lm": {"enabled": False}, "calibrate": False}}
+    if arm in STUDENT_ARMS:
+        trial["student"] = {"train": budget, "qat": {"enabled": False}}
+    data = _merge(_merge(data, trial), {**ARMS, **STUDENT_ARMS}[arm])
     data["workspace"] = base.workspace
     return Settings.model_validate(data)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("arms", nargs="*", default=list(ARMS), help=f"of {list(ARMS)}")
+    parser.add_argument("arms", nargs="*", default=None,
+                        help=f"of {list(ARMS)}, or with --student of {list(STUDENT_ARMS)}")
+    parser.add_argument("--student", action="store_true",
+                        help="student arms, distilled from release/teacher")
     parser.add_argument("--train", type=int, default=6000, help="training utterances")
     parser.add_argument("--valid", type=int, default=600, help="per validation split")
     parser.add_argument("--epochs", type=int, default=4)
@@ -96,20 +121,30 @@ def main() -> None:
     base = load_settings(profile="full")
     out_root = args.out_root or base.workspace / "trials"
     results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for arm in args.arms:
-        if arm not in ARMS:
-            raise SystemExit(f"unknown arm {arm!r}; choose from {list(ARMS)}")
+    known = STUDENT_ARMS if args.student else ARMS
+    for arm in args.arms or list(known):
+        if arm not in known:
+            raise SystemExit(f"unknown arm {arm!r}; choose from {list(known)}")
         settings = arm_settings(base, arm, args.train, args.valid, args.epochs, out_root)
         start = time.perf_counter()
-        r = train_teacher(settings, progress=False, resume=False, out_dir=out_root / arm)
+        if args.student:
+            r = train_student(settings, TEACHER, progress=False, resume=False,
+                              out_dir=out_root / arm)
+        else:
+            r = train_teacher(settings, progress=False, resume=False, out_dir=out_root / arm)
         wall = time.perf_counter() - start
         results[arm] = {
             "overrides": ARMS[arm], "epochs": r.epochs_run, "best_epoch": r.best_epoch,
             "parameters": r.parameters, "minutes_per_epoch": wall / 60 / r.epochs_run,
             **{k: round(v, 4) for k, v in r.best_valid.items()},
             "command": f"uv run python benchmarks/recipe_trial.py {arm} --train {args.train} "
-                       f"--valid {args.valid} --epochs {args.epochs}",
+                       f"--valid {args.valid} --epochs {args.epochs}"
+                       + (" --student" if args.student else ""),
         }
+        # Merged with the file as it is now: arms may run in parallel processes.
+        entry = results[arm]
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        results[arm] = entry
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2))
         print(f"{arm}: {json.dumps(results[arm])}", flush=True)
