@@ -185,11 +185,12 @@ def corpus_templates(settings: Settings, grammar: Grammar) -> list[Template]:
     )
 
 
-def plan_corpus(settings: Settings, grammar: Grammar | None = None) -> _Plan:
+def plan_corpus(settings: Settings, grammar: Grammar | None = None,
+                progress: bool = False) -> _Plan:
     """Choose templates, split them, sample labelled sentences and assign voices.
 
     Pure apart from reading the grammar: no audio is produced. Deterministic by
-    ``settings.seed``.
+    ``settings.seed``. ``progress``: a bar while the sentences are labelled.
     """
     cs = settings.corpus
     grammar = grammar or Grammar.load(cs.language)
@@ -198,7 +199,8 @@ def plan_corpus(settings: Settings, grammar: Grammar | None = None) -> _Plan:
         templates, cs.split.valid, cs.split.test, stable_rng(settings.seed, "split")
     )
     sentences, report = grammar.generate(
-        templates, per_template_counts(templates, cs), stable_rng(settings.seed, "sample")
+        templates, per_template_counts(templates, cs), stable_rng(settings.seed, "sample"),
+        progress=progress,
     )
     if cs.max_utterances is not None and len(sentences) > cs.max_utterances:
         keep = stable_rng(settings.seed, "cap").choice(
@@ -335,7 +337,7 @@ def build_corpus(
         folder.mkdir(parents=True, exist_ok=True)
     workers = cs.workers or os.cpu_count() or 1
 
-    plan = plan_corpus(settings)
+    plan = plan_corpus(settings, progress=progress)
     log.info("planned %d utterances from %d templates", len(plan.utterances),
              plan.grammar_report.templates)
     jobs = [

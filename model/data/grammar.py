@@ -40,6 +40,7 @@ from hassil.intents import RangeSlotList, SlotList, TextSlotList, WildcardSlotLi
 from hassil.recognize import recognize_best
 from hassil.util import normalize_whitespace
 from home_assistant_intents import get_intents
+from tqdm import tqdm
 
 from model.data.manifest import Slot
 from model.data.textnorm import normalise_text
@@ -395,6 +396,7 @@ class Grammar:
         per_template: int | Mapping[str, int],
         rng: np.random.Generator,
         max_attempts_factor: int = 3,
+        progress: bool = False,
     ) -> tuple[list[LabelledSentence], GrammarReport]:
         """Sample and label up to ``per_template`` distinct sentences per template.
 
@@ -405,12 +407,14 @@ class Grammar:
             rng: source of randomness.
             max_attempts_factor: draws allowed per wanted sentence; a template with few
                 distinct sentences yields fewer than asked.
+            progress: a progress bar over the templates (labelling the ``full`` corpus
+                takes minutes).
 
         Duplicated sentences are redrawn and counted, so the report balances.
         """
         report = GrammarReport(templates=len(templates))
         out: list[LabelledSentence] = []
-        for template in templates:
+        for template in tqdm(templates, desc="label", unit="template", disable=not progress):
             wanted = per_template if isinstance(per_template, int) else per_template[template.id]
             seen: set[str] = set()
             for _ in range(wanted * max_attempts_factor):
