@@ -34,6 +34,9 @@ is what is compared):
 - ``student_full_context``: non-causal convolutions, global CMVN and full-context
   attention in every batch (no dynamic-chunk training: not streamable) — does
   streamability cost the student its acoustic model?
+- ``student_noncausal``: the same without the CMVN change, for ``--init-from
+  release/student_model`` (both arms then continue the released student, at the
+  continuation's learning rate 0.0015 with 100 warm-up steps).
 
 Writes ``benchmarks/results/recipe_trials.json`` (merged across runs) and prints a table.
 """
@@ -78,6 +81,10 @@ STUDENT_ARMS: dict[str, dict[str, Any]] = {
     "student_full_context": {"student": {"model": {"causal_conv": False},
                                          "normalise": "global",
                                          "streaming": {"full_context_p": 1.0}}},
+    # For --init-from the released student (causal normalisation kept: its weights
+    # expect that input scale).
+    "student_noncausal": {"student": {"model": {"causal_conv": False},
+                                      "streaming": {"full_context_p": 1.0}}},
 }
 TEACHER = Path(__file__).resolve().parent.parent / "release" / "teacher"
 
@@ -109,6 +116,8 @@ def main() -> None:
                         help=f"of {list(ARMS)}, or with --student of {list(STUDENT_ARMS)}")
     parser.add_argument("--student", action="store_true",
                         help="student arms, distilled from release/teacher")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="student arms: warm start from this float student package")
     parser.add_argument("--train", type=int, default=6000, help="training utterances")
     parser.add_argument("--valid", type=int, default=600, help="per validation split")
     parser.add_argument("--epochs", type=int, default=4)
@@ -126,28 +135,34 @@ def main() -> None:
         if arm not in known:
             raise SystemExit(f"unknown arm {arm!r}; choose from {list(known)}")
         settings = arm_settings(base, arm, args.train, args.valid, args.epochs, out_root)
+        if args.init_from is not None:
+            train = settings.student.train.model_copy(update={"lr": 0.0015, "warmup_steps": 100})
+            settings = settings.model_copy(update={"student": settings.student.model_copy(
+                update={"train": train})})
+        name = arm if args.init_from is None else f"{arm}@warm"
         start = time.perf_counter()
         if args.student:
             r = train_student(settings, TEACHER, progress=False, resume=False,
-                              out_dir=out_root / arm)
+                              out_dir=out_root / name, init_from=args.init_from)
         else:
             r = train_teacher(settings, progress=False, resume=False, out_dir=out_root / arm)
         wall = time.perf_counter() - start
-        results[arm] = {
-            "overrides": ARMS[arm], "epochs": r.epochs_run, "best_epoch": r.best_epoch,
+        results[name] = {
+            "overrides": known[arm], "epochs": r.epochs_run, "best_epoch": r.best_epoch,
             "parameters": r.parameters, "minutes_per_epoch": wall / 60 / r.epochs_run,
             **{k: round(v, 4) for k, v in r.best_valid.items()},
             "command": f"uv run python benchmarks/recipe_trial.py {arm} --train {args.train} "
                        f"--valid {args.valid} --epochs {args.epochs}"
-                       + (" --student" if args.student else ""),
+                       + (" --student" if args.student else "")
+                       + (f" --init-from {args.init_from}" if args.init_from else ""),
         }
         # Merged with the file as it is now: arms may run in parallel processes.
-        entry = results[arm]
+        entry = results[name]
         results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        results[arm] = entry
+        results[name] = entry
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2))
-        print(f"{arm}: {json.dumps(results[arm])}", flush=True)
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
     cols = ["select", "valid_semer", "valid_wer", "valid_intent_accuracy", "valid_slot_f1",
             "heldout_semer", "heldout_wer", "heldout_intent_accuracy", "minutes_per_epoch"]
     print("| arm | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols))

@@ -244,7 +244,12 @@ def warm_start(
     if source.parse_vocab.tokens != vocab.tokens or source.ctc_vocab.to_json() != ctc_vocab.to_json():
         raise ValueError("warm start: the source model's vocabularies differ from the "
                          "teacher's; train from scratch instead")
-    if getattr(source.model, "cfg", None) != student.cfg:
+    cfg = getattr(source.model, "cfg", None)
+    if cfg is not None:
+        # Causal or centred depthwise convolutions differ only in their padding, not in
+        # their weights: a streaming student may be continued as a full-context one.
+        cfg = replace(cfg, encoder=replace(cfg.encoder, causal_conv=student.cfg.encoder.causal_conv))
+    if cfg != student.cfg:
         raise ValueError(f"warm start: architecture differs: {source.model.cfg} vs {student.cfg}")
     student.load_state_dict(source.model.state_dict())
 

@@ -11,10 +11,10 @@ from model.training.student import _chunk_mask, _parse_tensors, ctc_frame_ms
 torch.set_num_threads(1)
 
 
-def _model(subsampling: int, upsample: int) -> JointModel:
+def _model(subsampling: int, upsample: int, causal: bool = True) -> JointModel:
     return JointModel(ModelConfig(
         EncoderConfig(d_model=32, layers=1, heads=2, ffn_mult=2, conv_kernel=5,
-                      subsampling=subsampling, causal_conv=True),
+                      subsampling=subsampling, causal_conv=causal),
         n_chars=29, n_intents=3, n_parse_tokens=20, decoder_layers=1, decoder_ffn=32,
         ctc_upsample=upsample,
     ))
@@ -112,6 +112,11 @@ def test_warm_start_copies_weights_and_refuses_other_shapes() -> None:
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="architecture"):
         warm_start(_model(4, 2), source, vocab, CharVocab())
+    # Causal and centred convolutions share their weights: a streaming student may be
+    # continued as a full-context one (benchmarks/recipe_trial.py --student --init-from).
+    centred = _model(8, 4, causal=False)
+    warm_start(centred, source, vocab, CharVocab())
+    assert torch.equal(centred.ctc_head.weight, source.model.ctc_head.weight)
     other = ParseVocab(("A", "B", "D"), ("area",), vocab.words)
     with pytest.raises(ValueError, match="vocabularies"):
         warm_start(_model(8, 4), source, other, CharVocab())
