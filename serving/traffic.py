@@ -70,7 +70,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import struct
 import tarfile
 import threading
@@ -323,6 +322,7 @@ class _AudioShard:
         self.rel = rel
         self.batch_id = batch_id
         self.broken = False  # an append failed: the commit writes the shard again, whole
+        self.sealed = False  # closed, whole: a retry of the same commit keeps it
         self._size = 0
         self._file = store.fs.open(store.path(rel), "wb")
 
@@ -346,6 +346,7 @@ class _AudioShard:
         end += -end % tarfile.RECORDSIZE
         self._file.write(b"\0" * (end - self._size))
         self._file.close()
+        self.sealed = True
 
     def discard(self) -> None:
         """Close without ending the archive (it is about to be written again, or left
@@ -476,8 +477,8 @@ class TrafficWriter:
         self._settings = settings
         self._clock = clock
         self._audio_dirs: set[str] = set()  # partition folders already made
-        # The open audio shard of each partition of the batch being gathered (writer
-        # thread only).
+        # The audio shard of each partition of the batch being gathered, open until its
+        # commit seals it (writer thread only).
         self._shards: dict[tuple[str, int], _AudioShard] = {}
         self._cond = threading.Condition()
         self._queue: deque[_Item] = deque()
@@ -491,9 +492,6 @@ class TrafficWriter:
         self._write_errors = 0
         self._flush_waiters = 0
         self._idle = False  # the writer waits with no batch open: the next submit wakes it
-        # Partitions whose shard was closed by a commit attempt that failed later (the
-        # Parquet or the marker): the retry keeps the shard instead of writing it again.
-        self._sealed: dict[tuple[str, int], str] = {}
         self._closing = False
         self._thread: threading.Thread | None = None
 
@@ -743,23 +741,21 @@ class TrafficWriter:
         the shard gathered as records arrived when every append went through, else the
         shard written again, whole, under the same name. Raises what the store raised."""
         with_audio = [item for item in items if item.pcm is not None]
-        shard = self._shards.pop((dt, hour), None)
-        sealed = self._sealed.get((dt, hour))
-        if shard is None and sealed is not None and all(
-                item.audio_rel == sealed for item in with_audio):
-            return  # closed by an earlier attempt whose Parquet or marker write failed
-        if shard is not None:
-            if shard.batch_id == batch_id and not shard.broken and all(
-                    item.audio_rel == shard.rel for item in with_audio):
-                try:
-                    shard.close()
-                    self._sealed[(dt, hour)] = shard.rel
-                    return
-                except Exception:
-                    log.warning("closing audio shard %s failed; writing it again", shard.rel,
-                                exc_info=True)
-            else:
-                shard.discard()
+        key = (dt, hour)
+        shard = self._shards.get(key)
+        if shard is not None and shard.batch_id == batch_id and not shard.broken and all(
+                item.audio_rel == shard.rel for item in with_audio):
+            if shard.sealed:  # by an earlier attempt whose Parquet or marker write failed
+                return
+            try:
+                shard.close()
+                return
+            except Exception:
+                log.warning("closing audio shard %s failed; writing it again", shard.rel,
+                            exc_info=True)
+        elif shard is not None:
+            shard.discard()
+        self._shards.pop(key, None)
         if not with_audio:
             return
         shard = self._open_shard(dt, hour, batch_id)
@@ -767,10 +763,10 @@ class TrafficWriter:
             for item in with_audio:
                 self._append(shard, item)
             shard.close()
-            self._sealed[(dt, hour)] = shard.rel
         except BaseException:
             shard.discard()
             raise
+        self._shards[key] = shard
 
     def _write_batch(self, batch: list[_Item]) -> None:
         groups: dict[tuple[str, int], list[_Item]] = {}
@@ -790,7 +786,7 @@ class TrafficWriter:
                                   "on attempt %d of 2", batch_id, len(items), dt, hour, attempt)
                     with self._cond:
                         self._write_errors += 1
-            self._sealed.pop((dt, hour), None)
+            self._shards.pop((dt, hour), None)  # sealed, or discarded by a failed commit
             with self._cond:
                 self._in_flight -= len(items)
                 if ok:
@@ -961,6 +957,7 @@ class StoredAudio:
             ValueError: a name that is not a plain file name.
         """
         dest.mkdir(parents=True, exist_ok=True)
+        local = _Store(str(dest))
         paths: list[Path | None] = []
         for name, ref in refs:
             if not name or name.startswith(".") or not set(name) <= _SAFE_ID:
@@ -979,9 +976,7 @@ class StoredAudio:
                           Path(ref.path).suffix if ref.size == 0 else ".bin")
             path = dest / f"{name}{suffix}"
             if not (path.is_file() and path.stat().st_size == len(data)):
-                tmp = path.with_name(f"{path.name}{_TMP}{uuid.uuid4().hex}")
-                tmp.write_bytes(data)
-                os.replace(tmp, path)
+                local.write_atomic(path.name, data)
             paths.append(path)
         return paths
 
