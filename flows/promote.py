@@ -41,8 +41,7 @@ from monitoring.alerts import AlertStore
 from monitoring.canary import CanaryAnalysis, analyse_step, collect_traffic
 from monitoring.gate import GateInputs, GateResult, GateSet, ModelCost, evaluate_gate
 from monitoring.ingest import curated_root
-from serving.annotations import AnnotationStore
-from serving.traffic import extract_audio
+from serving.annotations import AnnotationStore, labelled_rows
 from voiceloop.registry import Registry, VersionRef
 from voiceloop.settings import Settings
 
@@ -87,12 +86,9 @@ def _labelled_traffic(settings: Settings, limit: int) -> list[ManifestRow]:
     for path in files:
         present = set(pq.read_schema(path).names)  # older files lack the shard columns
         frame = pq.read_table(path, columns=[c for c in wanted if c in present]).to_pandas()
-        labels = store.read(frame["request_id"].tolist())
-        frame = frame[frame["request_id"].isin(labels)]
-        audio = extract_audio(settings.traffic_root, frame, settings.traffic_audio_cache)
-        rows += [labels[rid].manifest_row(str(local), duration)
-                 for rid, local, duration in zip(frame["request_id"], audio, frame["duration_s"],
-                                                 strict=True) if local is not None]
+        rows += labelled_rows(settings.traffic_root, frame,
+                              store.read(frame["request_id"].tolist()),
+                              settings.traffic_audio_cache)
         if len(rows) >= limit:
             break
     return rows[:limit]

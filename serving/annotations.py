@@ -33,15 +33,18 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pandas as pd
 from pydantic import ValidationError
 
+from model.data.manifest import ManifestRow
 from serving.contracts import Annotation
+from serving.traffic import extract_audio
 
-__all__ = ["AnnotationStore"]
+__all__ = ["AnnotationStore", "labelled_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -167,3 +170,16 @@ def _later_or_equal(new: Annotation, old: Annotation) -> bool:
         return new.timestamp >= old.timestamp
     except TypeError:  # naive vs aware timestamps: fall back to file order
         return True
+
+
+def labelled_rows(traffic_root: str, rows: pd.DataFrame, labels: Mapping[str, Annotation],
+                  dest: Path) -> list[ManifestRow]:
+    """The annotated ones of traffic or curated ``rows`` (``request_id``, ``audio``,
+    ``audio_offset``, ``audio_bytes``, ``duration_s``) as evaluation rows, in row order,
+    their audio copied out of the traffic store into ``dest`` (rows whose audio cannot be
+    read are left out, logged by :func:`serving.traffic.extract_audio`)."""
+    rows = rows[rows["request_id"].isin(labels)]
+    audio = extract_audio(traffic_root, rows, dest)
+    return [labels[rid].manifest_row(str(local), duration)
+            for rid, local, duration in zip(rows["request_id"], audio, rows["duration_s"],
+                                            strict=True) if local is not None]

@@ -144,17 +144,13 @@ def paired_scores(settings: Settings, registry: Any, run_id: str, since: datetim
     from model.evaluation.report import evaluate
     from model.inference.onnx import load_predictor
     from monitoring.canary import collect_traffic
-    from serving.annotations import AnnotationStore
-    from serving.traffic import extract_audio
+    from serving.annotations import AnnotationStore, labelled_rows
     from voiceloop.registry import VersionRef
 
     labels = AnnotationStore(settings.annotations_root).read(run_id=run_id)
     frame = collect_traffic(settings.traffic_root, since)
-    frame = frame[(frame["kind"] == "request") & frame["request_id"].isin(labels)]
-    audio = extract_audio(settings.traffic_root, frame, settings.traffic_audio_cache)
-    rows = [labels[rid].manifest_row(str(local), duration)
-            for rid, local, duration in zip(frame["request_id"], audio, frame["duration_s"],
-                                            strict=True) if local is not None]
+    rows = labelled_rows(settings.traffic_root, frame[frame["kind"] == "request"], labels,
+                         settings.traffic_audio_cache)
     if not rows:
         raise LookupError(f"simulator run {run_id}: no annotated request in the traffic store")
     scores: dict[str, dict[str, float]] = {}
