@@ -332,6 +332,12 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
     started = time.monotonic()
     story = DemoStory()
     ws = settings.workspace
+
+    def ingest_and_check() -> dict[str, Any]:
+        """Ingest the committed traffic, then run the drift monitor on it."""
+        ingest_flow(settings.profile, str(ws))
+        return monitor_flow(settings.profile, str(ws))
+
     if ws.exists():
         shutil.rmtree(ws)
     (ws / "logs").mkdir(parents=True)
@@ -412,8 +418,7 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
                   f"thresholds calibrated on 20 baseline windows of {drift_settings.window_rows}")
         judged = simulate(url, "baseline", settings=settings, requests=drift_settings.window_rows,
                           rate=0, concurrency=4, progress=False)
-        ingest_flow(settings.profile, str(ws))
-        check = monitor_flow(settings.profile, str(ws))
+        check = ingest_and_check()
         story.add(f"drift check on a new baseline window ({judged.sent} requests): "
                   + ("DRIFT (a false alarm)" if check["drifted"] else "no drift"))
 
@@ -431,8 +436,7 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
         # delay ~100 samples at 200-row windows, benchmarks/drift_detection.py) may take
         # more than one window, as it would on the hourly schedule: the users keep talking.
         for attempt in range(1, DRIFT_CHECKS + 1):
-            ingest_flow(settings.profile, str(ws))
-            check = monitor_flow(settings.profile, str(ws))
+            check = ingest_and_check()
             if check["drifted"] or attempt == DRIFT_CHECKS:
                 break
             story.add(f"drift check {attempt} on the latest {drift_settings.window_rows} "
@@ -497,9 +501,7 @@ def run_demo(settings: Settings, scenario: str = "accent_shift", keep_running: b
         story.add(f"bad version {bad['version']}: {status}: {tags.get('rollout.reason', '')[:300]}")
         if now is not None and now.version != prod.version:
             # Last, because a drift found here would start a retraining of its own.
-            _settled_check(url, scenario, settings, story, now.version,
-                           lambda: (ingest_flow(settings.profile, str(ws)),
-                                    monitor_flow(settings.profile, str(ws)))[1])
+            _settled_check(url, scenario, settings, story, now.version, ingest_and_check)
         aliases = registry.aliases()
         production_count = sum(1 for a in aliases if a == "production")
         story.figures.update({"aliases": aliases, "production_count": production_count,
