@@ -840,8 +840,10 @@ class CanaryMetricSettings(_Strict):
       difference is also significant: a one-sided z-test (two proportions; two means) or,
       for latency, a binomial test of the share of canary requests slower than the limit
       gives p < this (30 canary answers put ±9 pt of noise on a 40 % rate; of 34 canary
-      answers, 5 slower than the limit fail the latency check (p = 0.026), 4 do not
-      (p = 0.088)).
+      answers, 5 slower than the limit fail the binomial test (p = 0.026), 4 do not
+      (p = 0.088)); a latency above production's relative limit must also be significant
+      by a permutation test (``permutations`` reshuffles), since that limit comes from a
+      production sample.
     - ``max_latency_p95_ratio`` / ``max_latency_p95_ms``: server-side p95 latency:
       canary ≤ production × ratio and ≤ this many milliseconds (or not significantly
       above, see ``rate_alpha``).
