@@ -96,6 +96,7 @@ from monitoring.drift import (
     consecutive_windows,
     decide_drift,
     detect_drift,
+    signal_kind,
     signal_scores,
 )
 from monitoring.ingest import IngestReport, curated_root, ingest
@@ -502,10 +503,10 @@ class Judge:
         s = self.settings
         out: dict[str, tuple[SignalKind, str, float]] = {}
         for col in NUMERICAL_COLUMNS:
-            out[col] = ("data", s.numerical.method,
+            out[col] = (signal_kind(col), s.numerical.method,
                         float(s.numerical.thresholds.get(col, s.numerical.threshold)))
         for col in CATEGORICAL_COLUMNS:
-            out[col] = ("prediction", s.categorical.method,
+            out[col] = (signal_kind(col), s.categorical.method,
                         float(s.categorical.thresholds.get(col, s.categorical.threshold)))
         out["embeddings"] = ("embedding", s.embedding.method, float(s.embedding.threshold))
         return out

@@ -25,7 +25,8 @@ The pipeline, per window:
    ``snapshot.dict()["metrics"]``), never by position, and summarised as JSON keyed by
    Evidently's metric name (``ValueDrift(column=snr_db,method=wasserstein,threshold=0.1)``).
 2. :func:`decide_drift` applies the decision rule of :class:`~voiceloop.settings.DriftSettings`
-   (data drift on ≥ ``min_drifted`` numerical columns, prediction drift, embedding drift,
+   (data drift on ≥ ``min_drifted`` numerical columns — ``latency_ms``, a service column,
+   is scored and reported but never counted — prediction drift, embedding drift,
    or an estimated accuracy drop, see :mod:`monitoring.performance`) and returns a
    :class:`DriftDecision`. :func:`detect_drift` does 1 + 2 + the performance estimate.
 
@@ -69,6 +70,7 @@ from monitoring.schema import (
     CATEGORICAL_FEATURES,
     EMBEDDING_PREFIX,
     PREDICTION_FEATURES,
+    SERVICE_FEATURES,
     SIGNAL_FEATURES,
 )
 from voiceloop.settings import DriftSettings
@@ -92,6 +94,7 @@ __all__ = [
     "detect_drift",
     "run_drift_report",
     "sample_windows",
+    "signal_kind",
     "signal_scores",
 ]
 
@@ -99,6 +102,13 @@ log = logging.getLogger(__name__)
 
 NUMERICAL_COLUMNS: tuple[str, ...] = SIGNAL_FEATURES + PREDICTION_FEATURES
 """Numerical columns compared one by one (data drift)."""
+
+
+def signal_kind(column: str) -> Literal["data", "service", "prediction"]:
+    """The :class:`Signal` kind of a numerical or categorical column."""
+    if column in SERVICE_FEATURES:
+        return "service"
+    return "data" if column in NUMERICAL_COLUMNS else "prediction"
 
 SLOT_COUNT = "slot_count"
 """A categorical answer column derived from ``slots`` (the answer's slots as JSON): how
@@ -121,7 +131,7 @@ _EMB_RE = re.compile(rf"^{re.escape(EMBEDDING_PREFIX)}(\d+)$")
 # every window; the smallest threshold still flags any change of such a column.
 _MIN_THRESHOLD = 1e-6
 
-SignalKind = Literal["data", "prediction", "embedding", "performance", "rule"]
+SignalKind = Literal["data", "service", "prediction", "embedding", "performance", "rule"]
 
 
 # --------------------------------------------------------------------------- contracts
@@ -143,8 +153,10 @@ class Signal(BaseModel):
     Attributes:
         name: a column (``snr_db``, ``intent``), ``embeddings``, ``drifted_columns`` or
             ``estimated_accuracy_drop``.
-        kind: ``data`` (numerical column), ``prediction`` (categorical answer column),
-            ``embedding``, ``performance`` or ``rule`` (the count of drifted columns).
+        kind: ``data`` (numerical column), ``service`` (a numerical column of how the
+            answer was served, ``monitoring.schema.SERVICE_FEATURES``: reported, never a
+            reason for drift), ``prediction`` (categorical answer column), ``embedding``,
+            ``performance`` or ``rule`` (the count of drifted ``data`` columns).
         method: how the score was computed (Evidently stat test or embedding method,
             ``cbpe``, ``count``).
         score: the score (a distance, a count or an accuracy drop; higher = more drift);
@@ -520,18 +532,19 @@ def run_drift_report(
         method = settings.numerical.method if numerical else settings.categorical.method
         if not (_usable(ref_s[col]) and _usable(cur_s[col])):
             side = "reference" if not _usable(ref_s[col]) else "current window"
-            signals[col] = Signal(name=col, kind="data" if numerical else "prediction",
+            signals[col] = Signal(name=col, kind=signal_kind(col),
                                   method=method, score=None, threshold=thresholds[col],
                                   drifted=False, detail=f"no values in the {side}")
             continue
         metrics[col] = ValueDrift(column=col, method=method, threshold=thresholds[col])
     num_cols = [c for c in NUMERICAL_COLUMNS if c in metrics]
     cat_cols = [c for c in CATEGORICAL_COLUMNS if c in metrics]
+    voting = [c for c in num_cols if c not in SERVICE_FEATURES]
     count_metric = DriftedColumnsCount(
-        columns=num_cols, num_method=settings.numerical.method,
-        per_column_threshold={c: thresholds[c] for c in num_cols},
-        drift_share=min(1.0, settings.numerical.min_drifted / max(len(num_cols), 1)),
-    ) if num_cols else None
+        columns=voting, num_method=settings.numerical.method,
+        per_column_threshold={c: thresholds[c] for c in voting},
+        drift_share=min(1.0, settings.numerical.min_drifted / max(len(voting), 1)),
+    ) if voting else None
 
     definition = DataDefinition(numerical_columns=num_cols, categorical_columns=cat_cols)
     report = Report([*metrics.values(), *([count_metric] if count_metric else [])])
@@ -545,9 +558,8 @@ def run_drift_report(
     for col, metric in metrics.items():
         entry = _lookup(entries, metric)
         score = float(entry["value"])
-        numerical = col in NUMERICAL_COLUMNS
         signals[col] = Signal(
-            name=col, kind="data" if numerical else "prediction",
+            name=col, kind=signal_kind(col),
             method=metric.method, score=score, threshold=thresholds[col],
             drifted=score >= thresholds[col], metric=entry["metric_name"],
         )

@@ -41,6 +41,13 @@ SIGNAL_FEATURES: tuple[str, ...] = (
 PREDICTION_FEATURES: tuple[str, ...] = ("confidence", "latency_ms")
 """Numerical features of the answer (prediction drift)."""
 
+SERVICE_FEATURES: tuple[str, ...] = ("latency_ms",)
+"""Numerical features of how the answer was *served*, not of the data or the model's
+judgement: server load moves them (a demo's post-promotion check found latency "drift"
+between the canary phase and a busier minute). The drift report scores them, but they
+never vote for data drift: a retraining cannot answer them (the canary's latency check
+and the service's metrics can)."""
+
 CATEGORICAL_FEATURES: tuple[str, ...] = ("intent", "domain", "clarify")
 """Categorical features of the answer (prediction drift on their distribution)."""
 

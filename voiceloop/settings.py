@@ -511,7 +511,9 @@ class NumericalDriftSettings(_Strict):
     distribution moved by a tenth of a standard deviation). A column drifts when its
     score reaches its threshold (``thresholds[column]``, else ``threshold``); the window
     shows *data drift* when at least ``min_drifted`` columns drift (one column alone is
-    too often a measurement artefact, e.g. latency under load).
+    too often a measurement artefact). The service columns (``latency_ms``,
+    ``monitoring.schema.SERVICE_FEATURES``) are scored against their thresholds and
+    reported, but never counted: server load moves them without any data shift.
     """
 
     method: NumericalDriftMethod = "wasserstein"
@@ -584,7 +586,8 @@ class DriftSettings(_Strict):
     ``min_samples`` rows gets no decision (not drifted, marked insufficient). Otherwise
     it is **drifted** when any of these holds:
 
-    - data drift: at least ``numerical.min_drifted`` numerical columns drift;
+    - data drift: at least ``numerical.min_drifted`` numerical columns drift (the
+      service column ``latency_ms`` is reported, not counted);
     - prediction drift: any categorical answer column drifts;
     - embedding drift: the embedding score reaches ``embedding.threshold``;
     - performance: the label-free estimate of intent accuracy (mean calibrated

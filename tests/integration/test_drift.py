@@ -115,6 +115,27 @@ def test_noise_shift_is_data_drift_on_snr_and_level(reference: pd.DataFrame,
     assert result.signal("embeddings").score is None  # the window has no embeddings
 
 
+def test_latency_under_load_is_reported_but_never_votes_for_data_drift(
+    reference: pd.DataFrame, settings: DriftSettings
+) -> None:
+    """A busier server (every answer 3x slower) plus one moved audio column: latency is
+    scored and flagged as a service signal, yet one data column is not data drift (a
+    demo's post-promotion check called snr_db + latency_ms "drift" again)."""
+    current = traffic(2000, seed=4, snr_shift=-12.0, embeddings=False)
+    current["latency_ms"] *= 3.0
+    result = run_drift_report(reference, current, settings, model_version="v1")
+    decision = decide_drift(result, settings)
+    latency = result.signal("latency_ms")
+    assert latency.kind == "service" and latency.drifted and latency.score > 1.0
+    assert result.signal("snr_db").drifted and result.signal("snr_db").kind == "data"
+    rule = next(s for s in decision.signals if s.name == "drifted_columns")
+    assert rule.score == 1 and not rule.drifted
+    assert not decision.drifted, decision.reasons
+    counts = [m["value"]["count"] for k, m in result.summary["metrics"].items()
+              if k.startswith("DriftedColumnsCount(")]
+    assert counts == [1]  # Evidently's count leaves the service column out as well
+
+
 def test_intent_shift_is_prediction_drift(reference: pd.DataFrame,
                                           settings: DriftSettings) -> None:
     # domain shift: timers and shopping lists instead of lights and climate
