@@ -69,6 +69,7 @@ __all__ = [
     "StudentTask",
     "TeacherTargets",
     "ctc_frame_ms",
+    "init_from_teacher",
     "teacher_targets",
     "train_student",
     "warm_start",
@@ -252,6 +253,46 @@ def warm_start(
     if cfg != student.cfg:
         raise ValueError(f"warm start: architecture differs: {source.model.cfg} vs {student.cfg}")
     student.load_state_dict(source.model.state_dict())
+
+
+# Encoder fields that fix the shapes or the meaning of the weights a student copies from
+# its teacher's first blocks (causal_conv and layers may differ: padding, not weights).
+_TRUNCATION_FIELDS = ("n_mels", "d_model", "heads", "ffn_mult", "conv_kernel", "subsampling",
+                      "frontend_channels", "pos_enc")
+
+
+def init_from_teacher(student: JointModel, teacher: JointModel) -> int:
+    """Initialise ``student`` (in place) from ``teacher`` cut to the student's depth: the
+    front end, blocks ``0 .. student layers - 1``, the CTC and the intent heads. The
+    student keeps its own causal/centred convolution padding and attention masks.
+
+    Returns:
+        How many tensors were copied (every tensor of the student).
+
+    Raises:
+        ValueError: the student is deeper than the teacher, or an encoder field that
+            shapes the copied weights differs (each is named with both values), or the
+            heads' output sizes differ.
+    """
+    s_enc, t_enc = student.cfg.encoder, teacher.cfg.encoder
+    if s_enc.layers > t_enc.layers:
+        raise ValueError(f"init from teacher: the student has {s_enc.layers} blocks, the "
+                         f"teacher only {t_enc.layers}")
+    differ = [f"{f}: student {getattr(s_enc, f)} vs teacher {getattr(t_enc, f)}"
+              for f in _TRUNCATION_FIELDS if getattr(s_enc, f) != getattr(t_enc, f)]
+    for f in ("n_chars", "n_intents", "ctc_upsample", "decoder_layers"):
+        if getattr(student.cfg, f) != getattr(teacher.cfg, f):
+            differ.append(f"{f}: student {getattr(student.cfg, f)} vs teacher "
+                          f"{getattr(teacher.cfg, f)}")
+    if differ:
+        raise ValueError("init from teacher: architectures differ in " + "; ".join(differ))
+    source = teacher.state_dict()
+    target = student.state_dict()
+    missing = [k for k in target if k not in source or source[k].shape != target[k].shape]
+    if missing:  # a model change the field checks above do not know of
+        raise ValueError(f"init from teacher: no teacher weights for {missing[:5]}")
+    student.load_state_dict({k: source[k].to(target[k].dtype) for k in target})
+    return len(target)
 
 
 def _chunk_mask(
@@ -451,6 +492,10 @@ def train_student(
     if init is not None and not (resume and layout.last.exists()):
         warm_start(student, init, vocab, ctc_vocab)
         log.info("student warm-started from %s", init_from)
+    elif st.init == "teacher" and not (resume and layout.last.exists()):
+        copied = init_from_teacher(student, teacher)
+        log.info("student initialised from the teacher's first %d blocks (%d tensors)",
+                 student.cfg.encoder.layers, copied)
     rates = (ctc_frame_ms(student, raw_cfg.hop_ms), ctc_frame_ms(teacher, raw_cfg.hop_ms))
     if rates[0] != rates[1]:
         raise ValueError(

@@ -120,3 +120,37 @@ def test_warm_start_copies_weights_and_refuses_other_shapes() -> None:
     other = ParseVocab(("A", "B", "D"), ("area",), vocab.words)
     with pytest.raises(ValueError, match="vocabularies"):
         warm_start(_model(8, 4), source, other, CharVocab())
+
+
+def _deep(layers: int, d_model: int = 32, causal: bool = False,
+          inter: int = 0) -> JointModel:
+    return JointModel(ModelConfig(
+        EncoderConfig(d_model=d_model, layers=layers, heads=2, ffn_mult=2, conv_kernel=5,
+                      subsampling=8, causal_conv=causal, inter_ctc_layer=inter),
+        n_chars=29, n_intents=3, n_parse_tokens=20, decoder_layers=0, ctc_upsample=4,
+    ))
+
+
+def test_a_student_initialised_from_the_teacher_is_its_first_blocks() -> None:
+    from model.training.student import init_from_teacher
+
+    torch.manual_seed(0)
+    teacher = _deep(3, inter=2).eval()
+    student = _deep(2).eval()
+    assert init_from_teacher(student, teacher) == len(student.state_dict())
+    feats, lengths = torch.randn(2, 160, 80), torch.tensor([160, 120])
+    with torch.no_grad():
+        _, _, inter = teacher.encoder.forward_with_intermediate(feats, lengths)
+        enc, _ = student.encoder(feats, lengths)
+    # the same computation: the teacher's output after its second block
+    assert inter is not None and torch.allclose(enc, inter, atol=1e-6)
+    assert torch.equal(student.ctc_head.weight, teacher.ctc_head.weight)
+    # A causal student copies the same weights (only the padding differs).
+    causal = _deep(2, causal=True)
+    init_from_teacher(causal, teacher)
+    assert torch.equal(causal.encoder.blocks[1].conv.depthwise.weight,
+                       teacher.encoder.blocks[1].conv.depthwise.weight)
+    with pytest.raises(ValueError, match="d_model: student 16 vs teacher 32"):
+        init_from_teacher(_deep(2, d_model=16), teacher)
+    with pytest.raises(ValueError, match="4 blocks, the teacher only 3"):
+        init_from_teacher(_deep(4), teacher)
