@@ -93,6 +93,7 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from model.data.grammar import load_values, predicted_domain
+from model.fileio import atomic_path
 from model.inference.batch import BatchPredictor
 from model.inference.onnx import load_predictor
 from monitoring.schema import (
@@ -362,16 +363,8 @@ class Ledger:
 def _write_parquet(root: Path, rel: str, table: pa.Table) -> None:
     """Write ``table`` to ``root/rel`` atomically: a temporary file outside the
     DVC-tracked folders, renamed into place (same filesystem)."""
-    final = root / rel
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = root / _TMP
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{final.name}.{uuid.uuid4().hex}"
-    try:
+    with atomic_path(root / rel, tmp_dir=root / _TMP) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _remove(root: Path, rel: str) -> None:

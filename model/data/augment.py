@@ -38,9 +38,7 @@ Derived values are informative only: :func:`replay` recomputes them.
 from __future__ import annotations
 
 import math
-import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -51,6 +49,7 @@ from scipy import signal
 
 from model.data.manifest import AugmentStep
 from model.data.seeding import stable_rng
+from model.fileio import atomic_path
 from voiceloop.settings import AugmentSettings, ReverbSettings
 
 __all__ = [
@@ -242,13 +241,8 @@ def _load_rir(path: Path) -> np.ndarray | None:
 
 
 def _save_atomic(path: Path, rir: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            np.save(fh, rir, allow_pickle=False)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        np.save(fh, rir, allow_pickle=False)
 
 
 def _simulate_room(rng: np.random.Generator, rt60: float, sample_rate: int) -> np.ndarray:

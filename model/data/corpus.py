@@ -38,6 +38,7 @@ from model.data.splits import (
 )
 from model.data.stats import CorpusStats, corpus_stats
 from model.data.tts import SynthJob, VoiceSpec, sample_heldout_voice, sample_voice, synthesize
+from model.fileio import atomic_path
 from voiceloop.settings import AugmentSettings, CorpusSettings, Settings
 
 __all__ = [
@@ -262,9 +263,8 @@ def _augment_one(job: tuple[str, Path, Path]) -> tuple[str, Path, list[AugmentSt
     if not steps:
         return uid, clean, [], len(audio) / sr
     if not out.exists():
-        tmp = out.with_name(out.name + ".tmp.wav")
-        sf.write(tmp, augmented, sr, subtype="PCM_16")
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            sf.write(tmp, augmented, sr, subtype="PCM_16")
     return uid, out, steps, len(augmented) / sr
 
 
@@ -452,11 +452,9 @@ def _manifest_row(
 
 
 def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for record in records:
             fh.write(json.dumps(record) + "\n")
-    tmp.replace(path)
 
 
 def _write_reports(layout: CorpusLayout, report: CorpusReport) -> None:

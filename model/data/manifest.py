@@ -16,6 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from model.fileio import atomic_path
+
 __all__ = [
     "AugmentStep",
     "ManifestRow",
@@ -96,14 +98,11 @@ class ManifestRow(BaseModel):
 
 def write_manifest(path: Path, rows: Iterable[ManifestRow]) -> int:
     """Write ``rows`` as JSON Lines atomically (temp file + rename); returns the row count."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     count = 0
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(row.model_dump_json() + "\n")
             count += 1
-    tmp.replace(path)
     return count
 
 

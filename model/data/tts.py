@@ -40,6 +40,7 @@ from scipy.signal import resample_poly
 from tqdm import tqdm
 
 from model.data.parallel import pool_context
+from model.fileio import atomic_path
 from voiceloop.settings import TTSSettings
 
 __all__ = [
@@ -320,13 +321,10 @@ def _finish(raw_path: Path, job: SynthJob, sample_rate: int) -> SynthResult:
         return _failed(job, f"{job.voice.engine} produced silent audio for {job.text!r}")
     pcm = np.round(np.clip(levelled, -1.0, 1.0) * 32767).astype(np.int16)
     out = Path(job.out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        sf.write(tmp, pcm, sample_rate, subtype="PCM_16", format="WAV")
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            sf.write(tmp, pcm, sample_rate, subtype="PCM_16", format="WAV")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         return _failed(job, f"cannot write {out}: {exc}")
     return SynthResult(job.id, out, len(pcm) / sample_rate, False, None)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from model.data.corpus import CorpusLayout
 from model.data.manifest import ManifestRow, read_manifest
+from model.fileio import atomic_path
 from model.frontend.audio import load_audio
 from model.frontend.features import FeatureConfig, FeatureExtractor, normalise_features
 from voiceloop.settings import Settings
@@ -56,11 +56,9 @@ def load_features(
         for row in tqdm(rows, desc="features", unit="utt", disable=not progress)
     ]
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        # A per-process temp name: two runs filling the same cache must not interleave.
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        torch.save(feats, tmp)
-        tmp.replace(cache)
+        # Two runs filling the same cache each write their own temporary file.
+        with atomic_path(cache) as tmp:
+            torch.save(feats, tmp)
     return feats
 
 

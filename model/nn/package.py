@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from model.fileio import atomic_path
 from model.frontend.features import FeatureConfig
 from model.nn.network import EncoderConfig, JointModel, ModelConfig
 from model.nn.tokens import CharVocab, CTCVocab, ParseVocab, ctc_vocab_from_json
@@ -88,9 +89,8 @@ def save_package(package: ModelPackage, folder: Path) -> Path:
         "intent_temperature": package.intent_temperature,
         "metadata": package.metadata,
     }
-    tmp = folder / (_WEIGHTS + ".tmp")
-    torch.save(package.model.state_dict(), tmp)
-    tmp.replace(folder / _WEIGHTS)
+    with atomic_path(folder / _WEIGHTS) as tmp:
+        torch.save(package.model.state_dict(), tmp)
     (folder / _CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
     if package.lm_dir is not None:
         copy_lm_folder(package.lm_dir, folder)

@@ -39,6 +39,7 @@ from model.data.manifest import ManifestRow
 from model.decoding.greedy import choose_clarify_threshold
 from model.evaluation.plots import plot_learning_curves
 from model.evaluation.report import EvaluationReport, evaluate
+from model.fileio import atomic_path
 from model.frontend.cache import load_split, random_subset
 from model.frontend.features import FeatureConfig
 from model.inference.batch import length_sorted_batches, predict_dataset
@@ -615,7 +616,5 @@ def write_history(path: Path, history: list[dict[str, float]]) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)

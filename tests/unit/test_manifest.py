@@ -44,7 +44,7 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     raw = list(iter_raw_manifest(path))
     assert raw[0]["slots"] == [{"type": "area", "value": "kitchen"}]
     assert raw[0]["augment"][0]["params"]["snr_db"] == 12.5
-    assert not path.with_suffix(".jsonl.tmp").exists()
+    assert [p.name for p in path.parent.iterdir()] == ["train.jsonl"]  # no temporary left
 
 
 def test_manifest_audio_path_resolves_relative_to_manifest(tmp_path: Path) -> None:
