@@ -121,8 +121,6 @@ def monitor_flow(profile: str | None = None, workspace: str | None = None,
     target = monitored_model(settings, model)
     drift = settings.monitoring.drift
     thresholds = ReferenceStore.for_workspace(settings.workspace).load_thresholds(target.version)
-    if thresholds is not None:
-        drift = thresholds.apply(drift)
     ref = reference_task(settings, target)
     if ref.frame is None:
         message = (f"version {target.version} (adapted by a retraining) is warming up: "
@@ -149,6 +147,8 @@ def monitor_flow(profile: str | None = None, workspace: str | None = None,
         logger.warning("no ingested traffic embedded by %s yet: nothing to compare",
                        target.version)
         return {"drifted": False, "sufficient": False, "window": 0}
+    if thresholds is not None:
+        drift = thresholds.apply(drift, rows=len(current))
     decision, result = detect_drift(
         reference, current, drift, report_dir=report_dir, model_version=target.version,
         annotations=AnnotationStore(settings.annotations_root), seed=settings.seed)

@@ -267,18 +267,35 @@ class Thresholds(BaseModel):
     null_scores: dict[str, list[float]] = {}
     created: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
-    def apply(self, settings: DriftSettings) -> DriftSettings:
-        """``settings`` with these thresholds in place of the configured ones."""
+    def apply(self, settings: DriftSettings, rows: int | None = None) -> DriftSettings:
+        """``settings`` with these thresholds in place of the configured ones.
+
+        ``rows``: the size of the window they will judge. A window smaller than the
+        calibration's ``window_rows`` scatters more under no drift (a distance between
+        two samples shrinks as one over the square root of their size), so its
+        thresholds are raised by ``sqrt(window_rows / rows)``: a demo's post-promotion
+        check judged 121 rows with thresholds calibrated on 150-row windows. Larger
+        windows keep the calibrated thresholds (conservative).
+
+        Raises:
+            ValueError: ``rows`` below 1.
+        """
+        if rows is not None and rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        scale = (math.sqrt(self.window_rows / rows)
+                 if rows is not None and 0 < rows < self.window_rows else 1.0)
         update: dict[str, Any] = {
-            "numerical": settings.numerical.model_copy(
-                update={"thresholds": {**settings.numerical.thresholds, **self.numerical}}),
-            "categorical": settings.categorical.model_copy(
-                update={"thresholds": {**settings.categorical.thresholds, **self.categorical}}),
+            "numerical": settings.numerical.model_copy(update={"thresholds": {
+                **settings.numerical.thresholds,
+                **{k: v * scale for k, v in self.numerical.items()}}}),
+            "categorical": settings.categorical.model_copy(update={"thresholds": {
+                **settings.categorical.thresholds,
+                **{k: v * scale for k, v in self.categorical.items()}}}),
             "max_accuracy_drop": self.max_accuracy_drop,
         }
         if self.embedding is not None:
             update["embedding"] = settings.embedding.model_copy(
-                update={"threshold": self.embedding})
+                update={"threshold": self.embedding * scale})
         return settings.model_copy(update=update)
 
 
