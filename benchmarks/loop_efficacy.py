@@ -56,7 +56,7 @@ from typing import Any
 import soundfile as sf
 
 from flows.promote import _golden_rows
-from model.data.manifest import ManifestRow
+from model.data.manifest import ManifestRow, read_manifest, write_manifest
 from model.evaluation.report import EvaluationReport, evaluate
 from model.inference.onnx import BatchPredictor, load_predictor
 from monitoring.drift import ReferenceStore
@@ -106,13 +106,10 @@ def render(settings: Settings, scenario: str, count: int, seed: int, folder: Pat
                 id=u.id, audio=str(path), duration_s=len(u.audio) / u.sample_rate,
                 transcript=u.transcript, intent=u.intent, slots=list(u.slots), engine=u.engine,
                 voice=u.voice, split="test", template_id=u.template_id, domain=u.domain))
-        tmp = manifest.with_suffix(".tmp")
-        tmp.write_text("\n".join(r.model_dump_json() for r in rows) + "\n", encoding="utf-8")
-        tmp.replace(manifest)
+        write_manifest(manifest, rows)
         log.info("rendered %d %s utterances in %.0f s", len(rows), scenario,
                  time.perf_counter() - t0)
-    rows = [ManifestRow.model_validate_json(line)
-            for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_manifest(manifest)
     return Pool(scenario, rows)
 
 

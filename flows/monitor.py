@@ -148,7 +148,7 @@ def monitor_flow(profile: str | None = None, workspace: str | None = None,
                        target.version)
         return {"drifted": False, "sufficient": False, "window": 0}
     if thresholds is not None:
-        drift = thresholds.apply(drift, rows=len(current))
+        drift = thresholds.apply(drift, rows=len(current), reference_rows=len(reference))
     decision, result = detect_drift(
         reference, current, drift, report_dir=report_dir, model_version=target.version,
         annotations=AnnotationStore(settings.annotations_root), seed=settings.seed)

@@ -27,7 +27,9 @@ def atomic_path(path: str | Path, *, tmp_dir: str | Path | None = None,
     suffix (soundfile and pyarrow choose formats by it). It lies in ``tmp_dir`` (which
     must be on ``path``'s filesystem; default: ``path``'s folder), e.g. outside a folder
     that DVC tracks. ``durable``: fsync the file before the rename, so that a power cut
-    cannot leave a renamed but empty file (reports read by other machines).
+    cannot leave a renamed but empty file (reports read by other machines). The file
+    gets the process's default permissions (umask), not ``mkstemp``'s private 0600:
+    reports and manifests are for every user to read.
 
     Example::
 

@@ -102,13 +102,6 @@ log = logging.getLogger(__name__)
 NUMERICAL_COLUMNS: tuple[str, ...] = SIGNAL_FEATURES + PREDICTION_FEATURES
 """Numerical columns compared one by one (data drift)."""
 
-
-def signal_kind(column: str) -> Literal["data", "service", "prediction"]:
-    """The :class:`Signal` kind of a numerical or categorical column."""
-    if column in SERVICE_FEATURES:
-        return "service"
-    return "data" if column in NUMERICAL_COLUMNS else "prediction"
-
 SLOT_COUNT = "slot_count"
 """A categorical answer column derived from ``slots`` (the answer's slots as JSON): how
 many slots the answer filled, as ``"0"``, ``"1"``, ``"2"`` or ``"3+"``. Users who name
@@ -121,6 +114,23 @@ CATEGORICAL_COLUMNS: tuple[str, ...] = (*CATEGORICAL_FEATURES, SLOT_COUNT)
 
 _SLOT_COUNT_CAP = 3
 
+
+def signal_kind(column: str) -> Literal["data", "service", "prediction"]:
+    """The :class:`Signal` kind of a numerical or categorical column.
+
+    Raises:
+        ValueError: ``column`` is neither.
+    """
+    if column in SERVICE_FEATURES:
+        return "service"
+    if column in NUMERICAL_COLUMNS:
+        return "data"
+    if column in CATEGORICAL_COLUMNS:
+        return "prediction"
+    raise ValueError(f"{column!r} is no drift column: numerical {NUMERICAL_COLUMNS}, "
+                     f"categorical {CATEGORICAL_COLUMNS}")
+
+
 EMBEDDINGS_NAME = "encoder"
 """Name of the embedding group in Evidently's data definition."""
 
@@ -129,6 +139,11 @@ _EMB_RE = re.compile(rf"^{re.escape(EMBEDDING_PREFIX)}(\d+)$")
 # A calibrated threshold of 0 (a column constant in every baseline window) would flag
 # every window; the smallest threshold still flags any change of such a column.
 _MIN_THRESHOLD = 1e-6
+
+# How a method's no-drift scatter grows as a sample shrinks: the power of (1/m + 1/n)
+# (Thresholds.apply). Methods not listed are not rescaled.
+_NOISE_POWER: dict[str, float] = {"wasserstein": 0.5, "jensenshannon": 0.5, "hellinger": 0.5,
+                                  "ed": 0.5, "distance": 0.5, "psi": 1.0, "kl_div": 1.0}
 
 SignalKind = Literal["data", "service", "prediction", "embedding", "performance", "rule"]
 
@@ -267,35 +282,54 @@ class Thresholds(BaseModel):
     null_scores: dict[str, list[float]] = {}
     created: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
-    def apply(self, settings: DriftSettings, rows: int | None = None) -> DriftSettings:
+    def apply(self, settings: DriftSettings, rows: int | None = None,
+              reference_rows: int | None = None) -> DriftSettings:
         """``settings`` with these thresholds in place of the configured ones.
 
-        ``rows``: the size of the window they will judge. A window smaller than the
-        calibration's ``window_rows`` scatters more under no drift (a distance between
-        two samples shrinks as one over the square root of their size), so its
-        thresholds are raised by ``sqrt(window_rows / rows)``: a demo's post-promotion
-        check judged 121 rows with thresholds calibrated on 150-row windows. Larger
-        windows keep the calibrated thresholds (conservative).
+        ``rows`` / ``reference_rows``: the sizes of the window they will judge and of its
+        reference. Under no drift a score scatters as the noise of two samples, ∝
+        ``1/m + 1/n`` for a divergence (``psi``, ``kl_div``) and its square root for a
+        distance (``wasserstein``, ``jensenshannon``, ``hellinger``, ``ed``, the
+        embeddings' ``distance``). A window smaller than the calibration's
+        ``window_rows`` therefore gets its thresholds raised by that ratio (the
+        embeddings counted at their ``sample_rows``); other methods, and windows at
+        least as large (conservative), keep the calibrated thresholds. A demo's
+        post-promotion check judged 121 rows with thresholds of 150-row windows. The
+        reference size of the calibration is taken to be ``reference_rows`` (None:
+        much larger than the window).
 
         Raises:
-            ValueError: ``rows`` below 1.
+            ValueError: ``rows`` or ``reference_rows`` below 1.
         """
-        if rows is not None and rows < 1:
-            raise ValueError(f"rows must be >= 1, got {rows}")
-        scale = (math.sqrt(self.window_rows / rows)
-                 if rows is not None and 0 < rows < self.window_rows else 1.0)
+        for name, value in (("rows", rows), ("reference_rows", reference_rows)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+        def scale(method: str, n: int | None, calibrated: int, ref: int | None) -> float:
+            power = _NOISE_POWER.get(method)
+            if n is None or n >= calibrated or power is None:
+                return 1.0
+            inv_ref = 1.0 / ref if ref else 0.0
+            return ((inv_ref + 1.0 / n) / (inv_ref + 1.0 / calibrated)) ** power
+
+        k_num = scale(settings.numerical.method, rows, self.window_rows, reference_rows)
+        k_cat = scale(settings.categorical.method, rows, self.window_rows, reference_rows)
+        sample = settings.embedding.sample_rows
+        k_emb = scale(settings.embedding.method, None if rows is None else min(rows, sample),
+                      min(self.window_rows, sample),
+                      None if reference_rows is None else min(reference_rows, sample))
         update: dict[str, Any] = {
             "numerical": settings.numerical.model_copy(update={"thresholds": {
                 **settings.numerical.thresholds,
-                **{k: v * scale for k, v in self.numerical.items()}}}),
+                **{k: v * k_num for k, v in self.numerical.items()}}}),
             "categorical": settings.categorical.model_copy(update={"thresholds": {
                 **settings.categorical.thresholds,
-                **{k: v * scale for k, v in self.categorical.items()}}}),
+                **{k: v * k_cat for k, v in self.categorical.items()}}}),
             "max_accuracy_drop": self.max_accuracy_drop,
         }
         if self.embedding is not None:
             update["embedding"] = settings.embedding.model_copy(
-                update={"threshold": self.embedding * scale})
+                update={"threshold": self.embedding * k_emb})
         return settings.model_copy(update=update)
 
 

@@ -39,7 +39,8 @@ SIGNAL_FEATURES: tuple[str, ...] = (
 """Numerical features of the audio itself (column drift)."""
 
 PREDICTION_FEATURES: tuple[str, ...] = ("confidence", "latency_ms")
-"""Numerical features of the answer (prediction drift)."""
+"""Numerical features of the answer: ``confidence`` counts towards data drift like the
+signal features, ``latency_ms`` is a service signal (:data:`SERVICE_FEATURES`)."""
 
 SERVICE_FEATURES: tuple[str, ...] = ("latency_ms",)
 """Numerical features of how the answer was *served*, not of the data or the model's

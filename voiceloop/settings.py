@@ -421,9 +421,11 @@ class StudentSettings(_Strict):
     ``init``: the student's first weights — ``random``, or ``teacher``: the teacher's
     front end, its first ``model.encoder_layers`` blocks and its CTC and intent heads
     (layer truncation, as DistilBERT is initialised from its teacher; the student must
-    then have the teacher's width, heads, FFN, kernel and subsampling). The released
-    teacher cut to its first 3 blocks already transcribed valid at 22.7 % WER with the
-    LM, before any training, against the distilled 96-wide student's 31.3 % on test."""
+    then have the teacher's width, heads, FFN, kernel and subsampling; checked at load).
+    A warm start (``--init-from``, the retraining flow) takes precedence over it.
+    ``benchmarks/student_gap.py`` scores the released teacher cut to its first 3 blocks,
+    untrained, beside the students (its own per-utterance normalisation and centred
+    convolutions: the student starts from those weights, not from that model)."""
 
     normalise: Literal["causal", "global"] = "causal"
     init: Literal["random", "teacher"] = "random"
@@ -879,6 +881,18 @@ class CanaryMetricSettings(_Strict):
     max_feedback_rate_increase: float = Field(0.03, ge=0, le=1)
     max_confidence_drop: float = Field(0.03, ge=0, le=1)
 
+    @model_validator(mode="after")
+    def _reachable_alphas(self) -> CanaryMetricSettings:
+        # A permutation p-value is never below 1 / (1 + permutations): a smaller alpha
+        # would make the intent and latency checks impossible to fail.
+        floor = 1.0 / (1 + self.permutations)
+        for name in ("rate_alpha", "intent_alpha"):
+            if getattr(self, name) <= floor:
+                raise ValueError(
+                    f"{name} {getattr(self, name)} can never be reached with {self.permutations} "
+                    f"permutations (smallest p-value {floor:.4f}): raise permutations")
+        return self
+
 
 class CanarySettings(_Strict):
     """The canary rollout (Flagger's ``spec.analysis``, Argo Rollouts' AnalysisRun).
@@ -1166,6 +1180,24 @@ class Settings(_Strict):
                 except ValueError as exc:
                     raise ValueError(
                         f"simulator.scenarios.{name}.{part} is invalid: {exc}") from exc
+        return self
+
+    @model_validator(mode="after")
+    def _student_fits_its_teacher(self) -> Settings:
+        """``student.init: teacher`` copies the teacher's first blocks: fail at load, not
+        after the teacher's targets were computed, when the shapes cannot match."""
+        if self.student.init != "teacher":
+            return self
+        s, t = self.student.model, self.model
+        differ = [f"{f} {getattr(s, f)} vs {getattr(t, f)}"
+                  for f in ("d_model", "heads", "ffn_mult", "conv_kernel", "subsampling",
+                            "frontend_channels", "ctc_upsample", "ctc_units", "decoder_layers")
+                  if getattr(s, f) != getattr(t, f)]
+        if s.encoder_layers > t.encoder_layers:
+            differ.append(f"encoder_layers {s.encoder_layers} > {t.encoder_layers}")
+        if differ:
+            raise ValueError("student.init 'teacher' needs the teacher's shapes (student vs "
+                             "model): " + "; ".join(differ))
         return self
 
     @property

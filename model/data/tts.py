@@ -321,6 +321,7 @@ def _finish(raw_path: Path, job: SynthJob, sample_rate: int) -> SynthResult:
         return _failed(job, f"{job.voice.engine} produced silent audio for {job.text!r}")
     pcm = np.round(np.clip(levelled, -1.0, 1.0) * 32767).astype(np.int16)
     out = Path(job.out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)  # a bad output folder is an error, not N failed jobs
     try:
         with atomic_path(out) as tmp:
             sf.write(tmp, pcm, sample_rate, subtype="PCM_16", format="WAV")

@@ -261,13 +261,12 @@ _TRUNCATION_FIELDS = ("n_mels", "d_model", "heads", "ffn_mult", "conv_kernel", "
                       "frontend_channels", "pos_enc")
 
 
-def init_from_teacher(student: JointModel, teacher: JointModel) -> int:
+def init_from_teacher(student: JointModel, teacher: JointModel) -> None:
     """Initialise ``student`` (in place) from ``teacher`` cut to the student's depth: the
     front end, blocks ``0 .. student layers - 1``, the CTC and the intent heads. The
-    student keeps its own causal/centred convolution padding and attention masks.
-
-    Returns:
-        How many tensors were copied (every tensor of the student).
+    student keeps its own causal/centred convolution padding, attention masks and input
+    normalisation (the teacher's per-utterance statistics are not streamable): it starts
+    from the teacher's weights, not from the teacher's function.
 
     Raises:
         ValueError: the student is deeper than the teacher, or an encoder field that
@@ -292,7 +291,6 @@ def init_from_teacher(student: JointModel, teacher: JointModel) -> int:
     if missing:  # a model change the field checks above do not know of
         raise ValueError(f"init from teacher: no teacher weights for {missing[:5]}")
     student.load_state_dict({k: source[k].to(target[k].dtype) for k in target})
-    return len(target)
 
 
 def _chunk_mask(
@@ -493,9 +491,9 @@ def train_student(
         warm_start(student, init, vocab, ctc_vocab)
         log.info("student warm-started from %s", init_from)
     elif st.init == "teacher" and not (resume and layout.last.exists()):
-        copied = init_from_teacher(student, teacher)
-        log.info("student initialised from the teacher's first %d blocks (%d tensors)",
-                 student.cfg.encoder.layers, copied)
+        init_from_teacher(student, teacher)
+        log.info("student initialised from the teacher's first %d blocks",
+                 student.cfg.encoder.layers)
     rates = (ctc_frame_ms(student, raw_cfg.hop_ms), ctc_frame_ms(teacher, raw_cfg.hop_ms))
     if rates[0] != rates[1]:
         raise ValueError(

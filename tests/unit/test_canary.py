@@ -182,7 +182,7 @@ def test_a_p95_above_the_limit_from_a_few_stalls_is_not_significant() -> None:
 
 def test_a_production_p95_from_five_requests_does_not_roll_back_two_slow_answers() -> None:
     """The CI run that rolled back a same-size candidate: 5 answers a route, production's
-    p95 28.4 ms (about its slowest), 2 canary answers at 48 ms. The binomial test alone
+    p95 28.0 ms (about its slowest), 2 canary answers at 48 ms. The binomial test alone
     calls 2 of 5 above a 5 % tail significant (p = 0.023); reshuffling the 10 answers
     shows the limit itself is that noisy. The same shape over 400 answers a route is no
     noise."""
@@ -199,11 +199,42 @@ def test_a_production_p95_from_five_requests_does_not_roll_back_two_slow_answers
         return frame(prod, cand)
 
     check = next(c for c in analyse(routes(5), few).checks if c.name == "latency_p95")
-    assert check.canary > check.limit
+    assert check.canary > check.limit and "2 of 5 canary requests" in check.detail
     assert tail_excess_p_value(2, 5) < 0.05  # what the binomial test alone said
     assert check.passed and check.p_value is not None and check.p_value >= 0.05, check.detail
     check = next(c for c in analyse(routes(400), few).checks if c.name == "latency_p95")
     assert not check.passed and check.p_value == pytest.approx(1 / 201)
+
+
+def test_a_canary_exactly_at_the_allowed_ratio_is_rarely_rolled_back() -> None:
+    """At the boundary the check allows (canary latencies = production's × 1.5), both
+    routes of 30 answers: the binomial test alone rolled back ~12 % of such canaries
+    (production's p95 from 30 answers is too low half the time); with the permutation
+    test at most about rate_alpha may fail."""
+    from monitoring.canary import _latency_check
+
+    rng = np.random.default_rng(7)
+    trials, failed = 150, 0
+    for _ in range(trials):
+        prod = rng.lognormal(3.0, 0.4, 30)
+        cand = rng.lognormal(3.0, 0.4, 30) * 1.5
+        check = _latency_check(pd.DataFrame({"latency_ms": cand}),
+                               pd.DataFrame({"latency_ms": prod}), SETTINGS)
+        failed += not check.passed
+    assert failed / trials <= 0.06, failed
+    # ... while twice as slow is still caught in most trials
+    caught = sum(not _latency_check(
+        pd.DataFrame({"latency_ms": rng.lognormal(3.0, 0.4, 30) * 3.0}),
+        pd.DataFrame({"latency_ms": rng.lognormal(3.0, 0.4, 30)}), SETTINGS).passed
+        for _ in range(40))
+    assert caught >= 30, caught
+
+
+def test_an_alpha_no_permutation_p_value_can_reach_is_refused() -> None:
+    with pytest.raises(ValueError, match="intent_alpha 0.01 can never be reached with 20"):
+        CanaryMetricSettings(permutations=20, intent_alpha=0.01)
+    with pytest.raises(ValueError, match="rate_alpha 0.04"):
+        CanaryMetricSettings(permutations=24, rate_alpha=0.04, intent_alpha=0.05)
 
 
 def test_tail_excess_p_value() -> None:

@@ -137,7 +137,7 @@ def test_a_student_initialised_from_the_teacher_is_its_first_blocks() -> None:
     torch.manual_seed(0)
     teacher = _deep(3, inter=2).eval()
     student = _deep(2).eval()
-    assert init_from_teacher(student, teacher) == len(student.state_dict())
+    init_from_teacher(student, teacher)
     feats, lengths = torch.randn(2, 160, 80), torch.tensor([160, 120])
     with torch.no_grad():
         _, _, inter = teacher.encoder.forward_with_intermediate(feats, lengths)
@@ -154,3 +154,12 @@ def test_a_student_initialised_from_the_teacher_is_its_first_blocks() -> None:
         init_from_teacher(_deep(2, d_model=16), teacher)
     with pytest.raises(ValueError, match="4 blocks, the teacher only 3"):
         init_from_teacher(_deep(4), teacher)
+
+
+def test_a_student_that_cannot_take_its_teachers_blocks_fails_at_load() -> None:
+    from voiceloop.settings import load_settings
+
+    with pytest.raises(ValueError, match="d_model 96 vs 144; encoder_layers 7 > 6"):
+        load_settings(profile="full", overrides=["student.model.d_model=96",
+                                                 "student.model.encoder_layers=7"])
+    assert load_settings(profile="full").student.init == "teacher"
