@@ -29,8 +29,10 @@ Student arms (``--student``; distilled from ``release/teacher``, the student's s
 plus the arm's overrides, same subset / epochs / one thread, QAT off — the float student
 is what is compared):
 
-- ``student``: the released student's recipe (causal convolutions, causal running
-  mean normalisation: streamable);
+- ``student``: the ``full`` profile's student recipe (causal convolutions, causal
+  running mean normalisation: streamable; since 2026-12-02 144 wide × 3 blocks,
+  initialised from the teacher's first blocks — results before that date are of the
+  96 × 4 student from random weights);
 - ``student_full_context``: non-causal convolutions, global CMVN and full-context
   attention in every batch (no dynamic-chunk training: not streamable) — does
   streamability cost the student its acoustic model?
