@@ -39,20 +39,23 @@ _ARMS = (("student int8, greedy", "student", False),
 
 
 def _cut_teacher(teacher: Path, blocks: int, out: Path) -> Path:
-    """A copy of the torch package ``teacher`` with only its first ``blocks`` blocks."""
-    import torch
+    """The torch package ``teacher`` cut to its first ``blocks`` blocks, saved to ``out``:
+    a model of that depth initialised by ``init_from_teacher`` (the student's own
+    mechanism), with the teacher's features, vocabularies and LM."""
+    from dataclasses import replace
 
-    shutil.copytree(teacher, out)
-    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    encoder = config["model"]["encoder"]
-    if not 1 <= blocks <= encoder["layers"]:
-        raise SystemExit(f"--cut must lie in 1..{encoder['layers']}, got {blocks}")
-    encoder["layers"], encoder["inter_ctc_layer"] = blocks, 0
-    (out / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    weights = torch.load(out / "weights.pt", weights_only=True)
-    torch.save({k: v for k, v in weights.items()
-                if not (k.startswith("encoder.blocks.") and int(k.split(".")[2]) >= blocks)},
-               out / "weights.pt")
+    from model.nn.network import JointModel
+    from model.nn.package import load_package, save_package
+    from model.training.student import init_from_teacher
+
+    package = load_package(teacher)
+    cfg = package.model.cfg
+    if not 1 <= blocks <= cfg.encoder.layers:
+        raise SystemExit(f"--cut must lie in 1..{cfg.encoder.layers}, got {blocks}")
+    cut = JointModel(replace(cfg, encoder=replace(cfg.encoder, layers=blocks,
+                                                  inter_ctc_layer=0))).eval()
+    init_from_teacher(cut, package.model)
+    save_package(replace(package, model=cut), out)
     return out
 
 
