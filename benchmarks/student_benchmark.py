@@ -221,7 +221,9 @@ def main() -> None:
                 lambda c, p=predictor: p.predict_waveforms(["x"], [c], [rate]), clips)
             print(f"{name} [{decoder}]: {v['latency'][decoder]}", flush=True)
         v["bytes"] = folder_bytes(Path(v["weights"]))  # network weights (.pt/.onnx) only
-    for decoder in decoders:
+    # A full-context student (student.model.causal_conv false) cannot stream: nothing to time.
+    streams = student.model.cfg.encoder.causal_conv
+    for decoder in decoders if streams else ():
         result["streaming_latency"][decoder] = [
             _streaming(student, clips[:50], chunk, decoder == "lm") for chunk in (2, 1, 4)]
         print(f"streaming [{decoder}]: {result['streaming_latency'][decoder]}", flush=True)
@@ -272,7 +274,7 @@ def main() -> None:
                                                    / t_acc["wer"], 3),
             "rtf_p50 <= 0.01": deployed["latency"][d]["rtf_p50"],
             "streaming_final_p95_ms <= 50": result["streaming_latency"][d][0][
-                "final_after_last_chunk_p95_ms"],
+                "final_after_last_chunk_p95_ms"] if streams else "not streaming (full context)",
         }
 
     for d in decoders:

@@ -256,6 +256,14 @@ def _run_text(run: dict[str, Any]) -> str:
     return text + f", best epoch {run.get('best_epoch', '?')}"
 
 
+def _context_text(student: dict[str, Any]) -> str:
+    """How much audio the student's encoder sees: causal convolutions stream, full-context
+    ones need the whole utterance (``student.model.causal_conv``)."""
+    if student.get("causal_conv", True):
+        return "causal (streaming-capable)"
+    return "full-context (whole-utterance, not streaming)"
+
+
 def model_card(card: dict[str, Any]) -> str:
     """The release's model card as markdown."""
     m = card["metrics"]
@@ -268,8 +276,8 @@ def model_card(card: dict[str, Any]) -> str:
         ("A joint speech-recognition + language-understanding model for English voice-assistant "
          "commands (the Home Assistant intents): 16 kHz audio in; transcript, intent, slots and "
          "an intent confidence out. `student/` is the deployed model: a "
-         f"{card['recipe']['student']['encoder_layers']}-block causal Conformer "
-         f"(D={card['recipe']['student']['d_model']}), int8 ONNX, streaming-capable, with a "
+         f"{card['recipe']['student']['encoder_layers']}-block {_context_text(card['recipe']['student'])} "
+         f"Conformer (D={card['recipe']['student']['d_model']}), int8 ONNX, with a "
          "word 3-gram lexicon beam search whose "
          "transcripts carry slot tags. `teacher/` is the model it was distilled from (fp16)."), "",
         "## Data", "",

@@ -38,3 +38,9 @@ def test_training_record_comes_from_the_run_and_reaches_the_card(tmp_path: Path)
     assert "55.7 min, 8 epochs (QAT from epoch 7), best epoch 7" in text
     assert "Teacher: no training record" in text and "continued once" in text
     assert "| student int8 + LM, held-out voices | 80.0% |" in text
+    # the card says what the student's convolutions allow: a full-context one cannot stream
+    assert "causal (streaming-capable) Conformer" in text
+    card["recipe"]["student"]["causal_conv"] = False
+    text = model_card(card)
+    assert "full-context (whole-utterance, not streaming) Conformer" in text
+    assert "streaming-capable" not in text
