@@ -343,14 +343,16 @@ class TrainSettings(_Strict):
 
 class LMSettings(_Strict):
     """The transcript's lexicon + word n-gram beam search (``model.decoding.beam``). The n-gram
-    (``order``, absolute ``discount``) is trained on the training transcripts; the LM
-    weight and word score are chosen from the grids by WER on up to
+    (``order``, absolute ``discount``, n-grams of order ≥ 3 seen fewer than ``min_count``
+    times left out) is trained on the training transcripts; the LM
+    weight and word score are chosen from the grids by WER (SemER for a tagged model) on up to
     ``tune_utterances`` validation utterances, per model (a weaker acoustic model wants
     more LM)."""
 
     enabled: bool = True
     order: int = Field(3, ge=1, le=6)
     discount: float = Field(0.7, gt=0, lt=1)
+    min_count: int = Field(1, ge=1)
     beam_size: int = Field(50, ge=1)
     beam_threshold: float = Field(12.0, gt=0)
     beam_size_token: int | None = Field(8, ge=1)

@@ -69,7 +69,8 @@ class BeamConfig:
 
 
 def build_lm_folder(
-    sentences: Iterable[str], folder: Path, config: BeamConfig, discount: float = 0.7
+    sentences: Iterable[str], folder: Path, config: BeamConfig, discount: float = 0.7,
+    min_count: int = 1,
 ) -> Path:
     """Train the n-gram on ``sentences`` and write lexicon, ARPA and config to ``folder``.
 
@@ -81,7 +82,7 @@ def build_lm_folder(
     if not words:
         raise ValueError("no words to build a language model from")
     folder.mkdir(parents=True, exist_ok=True)
-    train_ngram(sentences, config.order, discount).write_arpa(folder / _ARPA)
+    train_ngram(sentences, config.order, discount, min_count).write_arpa(folder / _ARPA)
     (folder / _LEXICON).write_text(
         "".join(f"{w}\t{w if is_tag(w) else ' '.join(w)} {_SIL}\n" for w in words),
         encoding="utf-8")

@@ -79,21 +79,28 @@ class NgramLM:
         return path
 
 
-def train_ngram(sentences: Iterable[str], order: int = 3, discount: float = 0.7) -> NgramLM:
+def train_ngram(sentences: Iterable[str], order: int = 3, discount: float = 0.7,
+                min_count: int = 1) -> NgramLM:
     """Estimate an interpolated absolute-discounting n-gram model.
 
     Args:
         sentences: training transcripts, words separated by spaces.
         order: n (≥ 1).
         discount: absolute discount D in (0, 1) taken from every seen count.
+        min_count: n-grams of order ≥ 3 seen fewer times are left out (count cut-off, as
+            SRILM's ``-gtNmin``): their counts join the history's backoff mass, so every
+            history's distribution still sums to one. A 5-gram of the full corpus is 6 MB
+            of ARPA with every singleton kept.
 
     Raises:
-        ValueError: bad order/discount, or no words at all.
+        ValueError: bad order/discount/min_count, or no words at all.
     """
     if order < 1:
         raise ValueError(f"order must be ≥ 1, not {order}")
     if not 0 < discount < 1:
         raise ValueError(f"discount must lie in (0, 1), not {discount}")
+    if min_count < 1:
+        raise ValueError(f"min_count must be ≥ 1, not {min_count}")
     counts: list[Counter[tuple[str, ...]]] = [Counter() for _ in range(order)]
     for sentence in sentences:
         words = [BOS, *sentence.split(), EOS]
@@ -120,19 +127,26 @@ def train_ngram(sentences: Iterable[str], order: int = 3, discount: float = 0.7)
         for gram, c in counts[n - 1].items():
             by_history[gram[:-1]][gram[-1]] = c
         level: dict[tuple[str, ...], float] = {}
+        cut = min_count if n >= 3 else 1
         for history, nexts in by_history.items():
             c_h = sum(nexts.values())
-            # Interpolation weight of the lower order = the mass freed by discounting. In
-            # ARPA form it is exactly the backoff weight: an unseen continuation gets
-            # gamma(h) * P(w | shorter history), and the seen ones sum to 1 - gamma(h).
-            gamma = discount * len(nexts) / c_h
+            kept = {w: c for w, c in nexts.items() if c >= cut}
+            # Interpolation weight of the lower order = the mass freed by discounting (and
+            # by the cut-off). In ARPA form it is exactly the backoff weight: an unseen
+            # continuation gets gamma(h) * P(w | shorter history), and the kept ones sum to
+            # 1 - gamma(h).
+            gamma = (discount * len(kept) + (c_h - sum(kept.values()))) / c_h
             backoffs[n - 2][history] = math.log10(gamma)
-            for w, c in nexts.items():
-                # (h[1:], w) is always seen when (h, w) is: same sentence positions.
+            for w, c in kept.items():
+                # (h[1:], w) is always kept when (h, w) is: it is seen at least as often,
+                # and the cut-off of a lower order is never higher.
                 level[(*history, w)] = (c - discount) / c_h + gamma * interp[(*history[1:], w)]
         interp.update(level)
         probs.append({g: math.log10(p) for g, p in level.items()})
     for n in range(order - 1):
+        # A history that was itself cut off has no entry to carry a backoff weight (its
+        # continuations were all cut too): it backs off at weight 1, like an unseen one.
+        backoffs[n] = {g: b for g, b in backoffs[n].items() if g in probs[n]}
         for gram in probs[n]:
             backoffs[n].setdefault(gram, 0.0)
     return NgramLM(order, tuple(probs), tuple(backoffs))

@@ -158,7 +158,8 @@ def attach_lm(
         text, model_dir / LM_DIRNAME,
         BeamConfig(beam_size=lm.beam_size, beam_threshold=lm.beam_threshold,
                    beam_size_token=lm.beam_size_token, order=lm.order,
-                   copy_values=package.model.parse_decoder is not None), lm.discount)
+                   copy_values=package.model.parse_decoder is not None), lm.discount,
+        lm.min_count)
     rows, feats = load_split(settings, "valid", progress, package.features)
     rows, feats = random_subset(rows, feats, lm.tune_utterances, settings.seed)
     emissions = ctc_emissions(package, feats, settings.decode.batch_size)

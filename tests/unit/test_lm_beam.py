@@ -39,6 +39,27 @@ def test_every_history_is_a_distribution() -> None:
         assert math.fsum(10 ** lm.log10_prob(w, history) for w in words) == pytest.approx(1.0)
 
 
+def test_count_cutoff_drops_rare_long_ngrams_and_keeps_distributions() -> None:
+    sentences = ["turn on the kitchen light", "turn on the kitchen light", "turn on the hall light",
+                 "turn off the hall fan", "what time is it"]
+    full = train_ngram(sentences, order=4)
+    cut = train_ngram(sentences, order=4, min_count=2)
+    assert cut.probs[:2] == full.probs[:2]  # uni- and bigrams are never cut
+    assert ("on", "the", "hall") in full.probs[2] and ("on", "the", "hall") not in cut.probs[2]
+    assert ("on", "the", "kitchen") in cut.probs[2]
+    assert sum(map(len, cut.probs)) < sum(map(len, full.probs))
+    # an ARPA reader needs every kept n-gram's history as an entry of its own
+    for n in range(1, 4):
+        assert all(gram[:-1] in cut.probs[n - 1] for gram in cut.probs[n])
+        assert set(cut.backoffs[n - 1]) == set(cut.probs[n - 1])
+    words = [w for w in cut.vocabulary if w != "<s>"]
+    for history in [("<s>", "turn", "on"), ("turn", "on", "the"), ("on", "the"), ("the", "hall"),
+                    ("off", "the", "hall"), ()]:
+        assert math.fsum(10 ** cut.log10_prob(w, history) for w in words) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="min_count"):
+        train_ngram(sentences, min_count=0)
+
+
 def test_ngram_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError):
         train_ngram(["a"], order=0)
