@@ -297,8 +297,11 @@ def _chunk_mask(
     student: JointModel, lengths: Tensor, rng: np.random.Generator, chunks: list[int],
     full_context_p: float, left_chunks: int | None,
 ) -> Tensor | None:
-    """Dynamic-chunk training: full context or a random chunk size for this batch."""
-    if not chunks or rng.random() < full_context_p:
+    """Dynamic-chunk training: full context or a random chunk size for this batch. A
+    full-context encoder (``causal_conv`` false: its convolutions look ahead) cannot
+    stream, so it always trains on full context whatever ``full_context_p`` says — e.g. a
+    warm start of the full-context release by a profile that trains streaming students."""
+    if not chunks or not student.cfg.encoder.causal_conv or rng.random() < full_context_p:
         return None
     frames = int(student.encoder.subsampling.output_lengths(lengths).max())
     return chunk_attention_mask(frames, int(rng.choice(chunks)), left_chunks)

@@ -46,6 +46,10 @@ def test_dynamic_chunk_mask_sampling() -> None:
     # frame 0 sees exactly its own chunk: 2 or 4 frames
     assert {int((~m[0]).sum()) for m in chunked} == {2, 4}
     assert _chunk_mask(model, lengths, rng, [], 0.0, None) is None
+    # a full-context encoder never trains on chunks, whatever full_context_p says
+    full_context = _model(8, 4, causal=False)
+    assert all(_chunk_mask(full_context, lengths, rng, [2, 4], 0.0, None) is None
+               for _ in range(20))
 
 
 def test_unlabelled_audio_uses_the_teachers_own_parse_as_target() -> None:
