@@ -42,7 +42,7 @@ from model.frontend.cache import load_split
 from model.inference.batch import SLUPredictor
 from model.inference.onnx import OnnxSLUPredictor
 from model.nn.export import is_bundle
-from model.nn.package import load_package, save_package
+from model.nn.package import LM_DIRNAME, load_package, save_package
 from voiceloop.settings import Settings, repo_root
 
 __all__ = [
@@ -133,6 +133,28 @@ def _half_package(folder: Path, out: Path, keep_lm: bool = True) -> None:
     package.model.float()
 
 
+_SHARED_LM_FILES = ("lexicon.txt", "lm.arpa")  # each model keeps its own decoder.json (weights)
+
+
+def _share_lm(release: Path) -> list[str]:
+    """Replace the teacher's lexicon and n-gram by relative links to the student's when
+    they are byte-identical (both are built from the same training text): a 5-gram ARPA
+    is ~3 MB, and two copies would not fit the 15 MB release. Readers follow the links;
+    copies (``shutil.copytree``, MLflow artifacts) get the file itself.
+
+    Returns:
+        The shared file names."""
+    shared = []
+    for name in _SHARED_LM_FILES:
+        teacher = release / "teacher" / LM_DIRNAME / name
+        student = release / "student" / LM_DIRNAME / name
+        if teacher.is_file() and student.is_file() and teacher.read_bytes() == student.read_bytes():
+            teacher.unlink()
+            teacher.symlink_to(Path("..", "..", "student", LM_DIRNAME, name))
+            shared.append(name)
+    return shared
+
+
 @dataclass
 class ReleaseReport:
     """What was released: the folder, its size and the card's figures."""
@@ -177,6 +199,7 @@ def make_release(settings: Settings, out: Path | None = None, progress: bool = T
         shutil.copytree(bundle, staging / "student")
         _half_package(student_root / "model", staging / "student_model", keep_lm=False)
         _half_package(teacher_dir, staging / "teacher")
+        shared_lm = _share_lm(staging)
         size = folder_bytes(staging, (".onnx", ".pt", ".arpa", ".txt", ".json"))
         if size > MAX_RELEASE_BYTES:
             raise ValueError(f"release would be {size / 1e6:.1f} MB > 15 MB")
@@ -234,7 +257,7 @@ def make_release(settings: Settings, out: Path | None = None, progress: bool = T
             "metrics": metrics, "latency": latency,
             "bytes": {"student": folder_bytes(staging / "student", (".onnx", ".arpa", ".txt", ".json")),
                       "teacher": folder_bytes(staging / "teacher", (".pt", ".arpa", ".txt", ".json")),
-                      "total": size},
+                      "total": size, "teacher_lm_links_to_student": shared_lm},
         }
         (staging / "release.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
         (staging / "MODEL_CARD.md").write_text(model_card(card), encoding="utf-8")

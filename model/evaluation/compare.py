@@ -30,8 +30,10 @@ COMPARED: dict[str, bool] = {
 
 
 def folder_bytes(folder: Path, suffixes: tuple[str, ...] = (".pt", ".onnx")) -> int:
-    """Bytes of the weight files in ``folder`` (what a deployment ships and loads)."""
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.suffix in suffixes)
+    """Bytes of the weight files in ``folder`` (what a deployment ships and loads); a
+    link to a file counted elsewhere (the release's shared LM) adds nothing."""
+    return sum(p.stat().st_size for p in folder.rglob("*")
+               if p.suffix in suffixes and not p.is_symlink())
 
 
 @dataclass(frozen=True)

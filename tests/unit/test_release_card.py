@@ -44,3 +44,25 @@ def test_training_record_comes_from_the_run_and_reaches_the_card(tmp_path: Path)
     text = model_card(card)
     assert "full-context (whole-utterance, not streaming) Conformer" in text
     assert "streaming-capable" not in text
+
+
+def test_teacher_lm_links_to_the_students_identical_files(tmp_path: Path) -> None:
+    from model.evaluation.compare import folder_bytes
+    from model.nn.package import has_lm
+    from voiceloop.release import _share_lm
+
+    for role, weight in (("student", 1.0), ("teacher", 0.5)):
+        lm = tmp_path / role / "lm"
+        lm.mkdir(parents=True)
+        (lm / "lexicon.txt").write_text("on\to n |\n")
+        (lm / "lm.arpa").write_text("x" * 1000)
+        (lm / "decoder.json").write_text(json.dumps({"lm_weight": weight}))
+    (tmp_path / "teacher" / "lm" / "lexicon.txt").write_text("off\to f f |\n")  # differs
+    assert _share_lm(tmp_path) == ["lm.arpa"]
+    teacher_lm = tmp_path / "teacher" / "lm"
+    assert (teacher_lm / "lm.arpa").is_symlink() and (teacher_lm / "lm.arpa").read_text() == "x" * 1000
+    assert not (teacher_lm / "lexicon.txt").is_symlink()
+    assert json.loads((teacher_lm / "decoder.json").read_text()) == {"lm_weight": 0.5}
+    assert has_lm(tmp_path / "teacher")
+    # counted once: the student's 1000-byte ARPA, both lexicons and both configs
+    assert folder_bytes(tmp_path, (".arpa",)) == 1000
