@@ -14,6 +14,7 @@ import typer
 from voiceloop.settings import load_settings
 
 if TYPE_CHECKING:
+    from model.training.lm_stage import LMResult
     from monitoring.alerts import AlertStore
 
 app = typer.Typer(
@@ -334,14 +335,22 @@ def lm_command(
     _setup_logging(quiet)
     settings = load_settings(params, profile, workspace)
     folder = model or settings.models_dir / "teacher" / "model"
-    r = attach_lm(settings, folder, progress=not quiet, bundles=bundle or ())
-    typer.echo(
-        f"LM attached to {folder}: lm_weight {r.config.lm_weight}, word_score "
-        f"{r.config.word_score}, beam {r.config.beam_size}, copy_values "
-        f"{r.config.copy_values}; validation WER on {r.utterances} utterances "
-        f"{r.greedy_wer:.1%} greedy → {r.beam_wer:.1%} beam; SemER with/without copying "
-        f"values {r.semer['true']:.1%} / {r.semer['false']:.1%}"
-    )
+    typer.echo(lm_summary(attach_lm(settings, folder, progress=not quiet, bundles=bundle or ())))
+
+
+def lm_summary(r: LMResult) -> str:
+    """`voiceloop lm`'s one-line report. Only a model with a parse decoder has the
+    copy-values comparison; a tagged one reports the beam's SemER."""
+    text = (f"LM attached to {r.folder.parent}: order {r.config.order}, lm_weight "
+            f"{r.config.lm_weight}, word_score {r.config.word_score}, beam {r.config.beam_size}; "
+            f"validation WER on {r.utterances} utterances {r.greedy_wer:.1%} greedy → "
+            f"{r.beam_wer:.1%} beam")
+    if r.beam_semer is not None:
+        text += f", SemER {r.beam_semer:.1%} (tuned by {r.criterion})"
+    if r.semer:
+        text += (f"; SemER with/without copying values {r.semer['true']:.1%} / "
+                 f"{r.semer['false']:.1%} (copy_values {r.config.copy_values})")
+    return text
 
 
 @app.command()
