@@ -252,6 +252,8 @@ def make_release(settings: Settings, out: Path | None = None, progress: bool = T
                        "teacher_run": _training(settings.models_dir / "teacher"),
                        "student_run": _training(student_root),
                        "note": note,
+                       "lm_order": json.loads((staging / "student" / LM_DIRNAME / "decoder.json")
+                                              .read_text(encoding="utf-8"))["order"],
                        "intent_temperature": student_cfg.get("intent_temperature"),
                        "clarify_threshold": student_cfg.get("clarify_threshold")},
             "metrics": metrics, "latency": latency,
@@ -301,7 +303,7 @@ def model_card(card: dict[str, Any]) -> str:
          "an intent confidence out. `student/` is the deployed model: a "
          f"{card['recipe']['student']['encoder_layers']}-block {_context_text(card['recipe']['student'])} "
          f"Conformer (D={card['recipe']['student']['d_model']}), int8 ONNX, with a "
-         "word 3-gram lexicon beam search whose "
+         f"word {card['recipe'].get('lm_order', 3)}-gram lexicon beam search whose "
          "transcripts carry slot tags. `teacher/` is the model it was distilled from (fp16)."), "",
         "## Data", "",
         (f"Synthetic speech only: {card['data']['hours']} h, "

@@ -40,6 +40,9 @@ def test_training_record_comes_from_the_run_and_reaches_the_card(tmp_path: Path)
     assert "| student int8 + LM, held-out voices | 80.0% |" in text
     # the card says what the student's convolutions allow: a full-context one cannot stream
     assert "causal (streaming-capable) Conformer" in text
+    assert "word 3-gram lexicon" in text  # a card without the order: the old default
+    card["recipe"]["lm_order"] = 5
+    assert "word 5-gram lexicon" in model_card(card)
     card["recipe"]["student"]["causal_conv"] = False
     text = model_card(card)
     assert "full-context (whole-utterance, not streaming) Conformer" in text
