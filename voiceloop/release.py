@@ -42,7 +42,7 @@ from model.frontend.cache import load_split
 from model.inference.batch import SLUPredictor
 from model.inference.onnx import OnnxSLUPredictor
 from model.nn.export import is_bundle
-from model.nn.package import LM_DIRNAME, load_package, save_package
+from model.nn.package import LM_DIRNAME, LM_SENTENCES, load_package, save_package
 from voiceloop.settings import Settings, repo_root
 
 __all__ = [
@@ -133,7 +133,7 @@ def _half_package(folder: Path, out: Path, keep_lm: bool = True) -> None:
     package.model.float()
 
 
-_SHARED_LM_FILES = ("lexicon.txt", "lm.arpa")  # each model keeps its own decoder.json (weights)
+_SHARED_LM_FILES = ("lexicon.txt", "lm.arpa", LM_SENTENCES)  # each model keeps its own decoder.json (weights)
 
 
 def _share_lm(release: Path) -> list[str]:

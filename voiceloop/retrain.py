@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import random
+import shutil
 import subprocess
 import sys
 import uuid
@@ -44,8 +45,8 @@ from model.data.grammar import DOMAINS, Grammar, load_values, predicted_domain
 from model.data.manifest import ManifestRow, read_manifest, write_manifest
 from model.inference.batch import SLUPredictor
 from model.nn.export import load_bundle_config
-from model.nn.package import load_package
-from model.training.lm_stage import LM_TEXT_MANIFEST
+from model.nn.package import LM_DIRNAME, LM_SENTENCES, load_package
+from model.training.lm_stage import LM_INHERITED_TEXT, LM_TEXT_MANIFEST
 from monitoring.drift import ReferenceStore
 from monitoring.ingest import curated_root
 from monitoring.selection import Selection, labelling_budget, select_for_training
@@ -261,10 +262,16 @@ def plan_retraining(settings: Settings, corrupt_labels: bool = False,
         train = [row.model_copy(update={"intent": i}) for row, i in zip(train, intents, strict=True)]
     layout = CorpusLayout(settings.workspace / "corpus" / spec.profile)
     write_manifest(layout.manifest("train"), train)
-    # The LM keeps the whole old corpus' text, not only the replayed sample's.
-    replayed = {row.id for row in replay}
-    write_manifest(layout.manifest(LM_TEXT_MANIFEST),
-                   [_absolute(row, base) for row in old if row.id not in replayed])
+    # The LM keeps the production model's own LM text (its parent's corpus, e.g. the
+    # release's `full` one) when that model carries it; otherwise the whole old corpus'
+    # text, not only the replayed sample's.
+    parent_text = teacher_dir / LM_DIRNAME / LM_SENTENCES
+    if parent_text.is_file():
+        shutil.copyfile(parent_text, layout.manifests_dir / LM_INHERITED_TEXT)
+    else:
+        replayed = {row.id for row in replay}
+        write_manifest(layout.manifest(LM_TEXT_MANIFEST),
+                       [_absolute(row, base) for row in old if row.id not in replayed])
     for split in ("valid", "valid_heldout", "test", "test_heldout"):
         if base.manifest(split).exists():
             write_manifest(layout.manifest(split),

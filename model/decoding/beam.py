@@ -18,6 +18,7 @@ replaced at end of speech).
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from model.decoding.ngram import train_ngram
-from model.nn.package import LM_DIRNAME, LM_FILES, copy_lm_folder, has_lm
+from model.nn.package import LM_DIRNAME, LM_FILES, LM_SENTENCES, copy_lm_folder, has_lm
 from model.nn.tokens import CharVocab, CTCVocab, TaggedCharVocab, is_tag
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "build_lm_folder",
     "copy_lm_folder",
     "has_lm",
+    "read_lm_sentences",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,8 +89,18 @@ def build_lm_folder(
         "".join(f"{w}\t{w if is_tag(w) else ' '.join(w)} {_SIL}\n" for w in words),
         encoding="utf-8")
     (folder / _CONFIG).write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
+    # mtime 0: the same text gives the same bytes (DVC hashes, the release's shared files)
+    with open(folder / LM_SENTENCES, "wb") as raw, gzip.GzipFile(
+            fileobj=raw, mode="wb", mtime=0) as gz:
+        gz.write("".join(f"{s}\n" for s in sentences).encode("utf-8"))
     log.info("language model: %d words, %d sentences → %s", len(words), len(sentences), folder)
     return folder
+
+
+def read_lm_sentences(path: Path) -> list[str]:
+    """The sentences of an LM's ``sentences.txt.gz`` (:data:`LM_SENTENCES`)."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
 
 
 def read_config(folder: Path) -> BeamConfig:

@@ -35,6 +35,9 @@ _CONFIG = "config.json"
 LM_DIRNAME = "lm"
 LM_FILES = ("lexicon.txt", "lm.arpa", "decoder.json")
 """What an LM folder holds (see ``model.decoding.beam``)."""
+LM_SENTENCES = "sentences.txt.gz"
+"""The n-gram's training text (one sentence a line, gzip), kept beside it so that a
+retrained model's LM can start from its parent's text (optional: older folders lack it)."""
 
 
 def has_lm(folder: Path) -> bool:

@@ -1,7 +1,8 @@
 """Give a trained model its transcript language model: build, tune on validation, attach.
 
 ``attach_lm`` trains the word n-gram on the training split's transcripts (and those of
-the corpus' ``lm_text`` manifest when it has one: see :data:`LM_TEXT_MANIFEST`) — tagged
+the corpus' ``lm_text`` manifest when it has one: see :data:`LM_TEXT_MANIFEST`, and the
+sentences of a parent model's LM: :data:`LM_INHERITED_TEXT`) — tagged
 ones for a tagged CTC head, plus one short sentence per value of the grammar's value lists
 and per number of the numeric slot types, so every area, device name and number is in
 the lexicon — writes the ``lm/`` folder into the model folder (and any deploy bundles
@@ -32,6 +33,7 @@ from model.decoding.beam import (
     BeamConfig,
     BeamTranscriber,
     build_lm_folder,
+    read_lm_sentences,
     tune_beam,
     write_config,
 )
@@ -52,7 +54,8 @@ from model.nn.tokens import (
 )
 from voiceloop.settings import Settings
 
-__all__ = ["LM_TEXT_MANIFEST", "LMResult", "attach_lm", "ctc_emissions", "lm_sentences"]
+__all__ = ["LM_INHERITED_TEXT", "LM_TEXT_MANIFEST", "LMResult", "attach_lm", "ctc_emissions",
+           "lm_sentences"]
 
 LM_TEXT_MANIFEST = "lm_text"
 """A corpus' optional manifest (``manifests/lm_text.jsonl``) of rows whose transcripts
@@ -60,6 +63,14 @@ join the LM's text and are not trained on. A retraining trains on new data plus 
 *sample* of the old corpus but must keep the LM of the whole old corpus: an LM of the
 sample alone lacked 49 of the production LM's 527 lexicon words, and the retrained
 student's slot F1 on the golden set fell 1.1 points instead of 0.2."""
+
+LM_INHERITED_TEXT = "lm_sentences.txt.gz"
+"""A corpus' optional file (``manifests/lm_sentences.txt.gz``) of LM sentences taken
+verbatim (already tagged): a retraining puts its parent model's LM text there
+(:data:`model.nn.package.LM_SENTENCES`). The seed production model's LM came from the
+`full` corpus; rebuilt from the demo's small base corpus instead, the candidate's 5-gram
+cost 6.5 points of golden slot F1 and the gate rejected it (2026-12-02) — with the
+production LM the same retrained weights lost nothing."""
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +115,17 @@ def ctc_emissions(
 
 
 def lm_sentences(rows: Sequence[ManifestRow], ctc_vocab: CTCVocab,
-                 values: dict[str, Any] | None = None) -> list[str]:
+                 values: dict[str, Any] | None = None, extras: bool = True) -> list[str]:
     """The LM's training text: each row's CTC target (tagged transcript for a tagged
     vocabulary) plus, per slot type, one sentence per value of the grammar's value lists
     (``values``: ``Grammar.values``) and per number 0–100 for slot types whose training
     values are all number words — so values and numbers never seen in a training sentence
-    are still lexicon words with a sensible LM probability."""
+    are still lexicon words with a sensible LM probability. ``extras`` false: the rows'
+    targets only (an inherited parent text already holds its value and number sentences;
+    adding them again each generation would keep inflating their counts)."""
     sentences = [ctc_vocab.target_text(r.transcript, r.slots) for r in rows]
+    if not extras:
+        return sentences
     tagged = isinstance(ctc_vocab, TaggedCharVocab)
 
     def sentence(slot_type: str, value: str) -> str:
@@ -153,7 +168,11 @@ def attach_lm(
     rows = read_manifest(manifests / "train.jsonl")
     if (manifests / f"{LM_TEXT_MANIFEST}.jsonl").exists():
         rows += read_manifest(manifests / f"{LM_TEXT_MANIFEST}.jsonl")
-    text = lm_sentences(rows, vocab, grammar_values)
+    inherited = (read_lm_sentences(manifests / LM_INHERITED_TEXT)
+                 if (manifests / LM_INHERITED_TEXT).is_file() else [])
+    text = lm_sentences(rows, vocab, grammar_values, extras=not inherited) + inherited
+    if inherited:
+        log.info("the LM keeps %d sentences of its parent's text", len(inherited))
     folder = build_lm_folder(
         text, model_dir / LM_DIRNAME,
         BeamConfig(beam_size=lm.beam_size, beam_threshold=lm.beam_threshold,

@@ -156,3 +156,30 @@ def test_transcriber_needs_characters_and_a_folder(tmp_path: Path) -> None:
     folder = _lm_folder(tmp_path, ["turn on"])
     with pytest.raises(TypeError):
         BeamTranscriber(folder, WordVocab(("on", "turn")))
+
+
+def test_lm_folder_keeps_its_text_byte_for_byte(tmp_path: Path) -> None:
+    from model.decoding.beam import read_lm_sentences
+    from model.nn.package import LM_SENTENCES
+
+    sentences = ["turn on the <area> kitchen </> light", "what time is it"]
+    a = _lm_folder(tmp_path / "a", sentences) / "lm" / LM_SENTENCES
+    b = _lm_folder(tmp_path / "b", sentences) / "lm" / LM_SENTENCES
+    assert read_lm_sentences(a) == sentences
+    assert a.read_bytes() == b.read_bytes()  # no timestamp: same text, same file
+
+
+def test_inherited_text_replaces_the_value_and_number_sentences() -> None:
+    from model.data.manifest import ManifestRow, Slot
+    from model.nn.tokens import TaggedCharVocab
+    from model.training.lm_stage import lm_sentences
+
+    row = ManifestRow(id="u1", audio="a.wav", duration_s=1.0,
+                      transcript="set a timer for five minutes", intent="HassStartTimer",
+                      slots=[Slot(type="minutes", value="five")], engine="espeak-ng", voice="en",
+                      split="train", template_id="t", domain="timers")
+    vocab = TaggedCharVocab(slot_types=("area", "minutes"))
+    full = lm_sentences([row], vocab, {"area": ["kitchen"]})
+    only = lm_sentences([row], vocab, {"area": ["kitchen"]}, extras=False)
+    assert only == ["set a timer for <minutes> five </> minutes"]
+    assert "<area> kitchen </>" in full and "<minutes> ninety nine </>" in full
