@@ -200,7 +200,7 @@ def make_release(settings: Settings, out: Path | None = None, progress: bool = T
         _half_package(student_root / "model", staging / "student_model", keep_lm=False)
         _half_package(teacher_dir, staging / "teacher")
         shared_lm = _share_lm(staging)
-        size = folder_bytes(staging, (".onnx", ".pt", ".arpa", ".txt", ".json"))
+        size = folder_bytes(staging, (".onnx", ".pt", ".arpa", ".txt", ".gz", ".json"))
         if size > MAX_RELEASE_BYTES:
             raise ValueError(f"release would be {size / 1e6:.1f} MB > 15 MB")
         metrics: dict[str, Any] = {}
@@ -257,8 +257,8 @@ def make_release(settings: Settings, out: Path | None = None, progress: bool = T
                        "intent_temperature": student_cfg.get("intent_temperature"),
                        "clarify_threshold": student_cfg.get("clarify_threshold")},
             "metrics": metrics, "latency": latency,
-            "bytes": {"student": folder_bytes(staging / "student", (".onnx", ".arpa", ".txt", ".json")),
-                      "teacher": folder_bytes(staging / "teacher", (".pt", ".arpa", ".txt", ".json")),
+            "bytes": {"student": folder_bytes(staging / "student", (".onnx", ".arpa", ".txt", ".gz", ".json")),
+                      "teacher": folder_bytes(staging / "teacher", (".pt", ".arpa", ".txt", ".gz", ".json")),
                       "total": size, "teacher_lm_links_to_student": shared_lm},
         }
         (staging / "release.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
