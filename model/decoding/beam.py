@@ -84,6 +84,11 @@ def build_lm_folder(
     if not words:
         raise ValueError("no words to build a language model from")
     folder.mkdir(parents=True, exist_ok=True)
+    # A file here may be a link to another model's (the release's teacher shares the
+    # student's): write a file of this folder's own, never through the link.
+    for name in (_ARPA, _LEXICON, _CONFIG, LM_SENTENCES):
+        if (folder / name).is_symlink():
+            (folder / name).unlink()
     train_ngram(sentences, config.order, discount, min_count).write_arpa(folder / _ARPA)
     (folder / _LEXICON).write_text(
         "".join(f"{w}\t{w if is_tag(w) else ' '.join(w)} {_SIL}\n" for w in words),

@@ -14,6 +14,7 @@ A folder is what training writes, DVC tracks, MLflow stores as an artifact and
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from model.nn.tokens import CharVocab, CTCVocab, ParseVocab, ctc_vocab_from_json
 
 __all__ = ["ModelPackage", "load_package", "save_package"]
 
+log = logging.getLogger(__name__)
+
 _WEIGHTS = "weights.pt"
 _CONFIG = "config.json"
 
@@ -41,9 +44,15 @@ retrained model's LM can start from its parent's text (optional: older folders l
 
 
 def has_lm(folder: Path) -> bool:
-    """True when ``folder`` (a model folder or bundle) carries an ``lm/`` folder."""
+    """True when ``folder`` (a model folder or bundle) carries an ``lm/`` folder. An
+    ``lm/`` folder with a file missing — or a link to one that is gone (the release's
+    teacher links to the student's LM) — is warned about: the model decodes greedy."""
     lm = Path(folder) / LM_DIRNAME
-    return all((lm / name).is_file() for name in LM_FILES)
+    missing = [name for name in LM_FILES if not (lm / name).is_file()]
+    if missing and lm.is_dir():
+        log.warning("%s lacks %s (missing or a broken link): decoding without the LM", lm,
+                    ", ".join(missing))
+    return not missing
 
 
 def copy_lm_folder(lm_dir: Path, target_dir: Path) -> None:

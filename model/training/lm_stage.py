@@ -55,7 +55,7 @@ from model.nn.tokens import (
 from voiceloop.settings import Settings
 
 __all__ = ["LM_INHERITED_TEXT", "LM_TEXT_MANIFEST", "LMResult", "attach_lm", "ctc_emissions",
-           "lm_sentences"]
+           "lm_sentences", "with_inherited"]
 
 LM_TEXT_MANIFEST = "lm_text"
 """A corpus' optional manifest (``manifests/lm_text.jsonl``) of rows whose transcripts
@@ -115,17 +115,13 @@ def ctc_emissions(
 
 
 def lm_sentences(rows: Sequence[ManifestRow], ctc_vocab: CTCVocab,
-                 values: dict[str, Any] | None = None, extras: bool = True) -> list[str]:
+                 values: dict[str, Any] | None = None) -> list[str]:
     """The LM's training text: each row's CTC target (tagged transcript for a tagged
     vocabulary) plus, per slot type, one sentence per value of the grammar's value lists
     (``values``: ``Grammar.values``) and per number 0–100 for slot types whose training
     values are all number words — so values and numbers never seen in a training sentence
-    are still lexicon words with a sensible LM probability. ``extras`` false: the rows'
-    targets only (an inherited parent text already holds its value and number sentences;
-    adding them again each generation would keep inflating their counts)."""
+    are still lexicon words with a sensible LM probability."""
     sentences = [ctc_vocab.target_text(r.transcript, r.slots) for r in rows]
-    if not extras:
-        return sentences
     tagged = isinstance(ctc_vocab, TaggedCharVocab)
 
     def sentence(slot_type: str, value: str) -> str:
@@ -145,6 +141,19 @@ def lm_sentences(rows: Sequence[ManifestRow], ctc_vocab: CTCVocab,
         if words and words <= numbers:
             sentences += [sentence(slot_type, spell_number(n)) for n in range(101)]
     return sentences
+
+
+def with_inherited(inherited: list[str], own: list[str]) -> list[str]:
+    """A retrained model's LM text: its parent's whole text, plus those of its own
+    sentences (new rows, the replay sample, value and number sentences) that the parent's
+    does not already hold. Adding the replay sample or the value sentences again every
+    generation would keep raising their counts (with ``min_count`` 2, a second copy
+    lifts their rare n-grams over the cut-off); skipping what is known loses no word."""
+    known = set(inherited)
+    added = [s for s in own if s not in known]
+    log.info("the LM keeps its parent's %d sentences and adds %d of its own %d", len(inherited),
+             len(added), len(own))
+    return inherited + added
 
 
 def attach_lm(
@@ -168,11 +177,9 @@ def attach_lm(
     rows = read_manifest(manifests / "train.jsonl")
     if (manifests / f"{LM_TEXT_MANIFEST}.jsonl").exists():
         rows += read_manifest(manifests / f"{LM_TEXT_MANIFEST}.jsonl")
-    inherited = (read_lm_sentences(manifests / LM_INHERITED_TEXT)
-                 if (manifests / LM_INHERITED_TEXT).is_file() else [])
-    text = lm_sentences(rows, vocab, grammar_values, extras=not inherited) + inherited
-    if inherited:
-        log.info("the LM keeps %d sentences of its parent's text", len(inherited))
+    text = lm_sentences(rows, vocab, grammar_values)
+    if (manifests / LM_INHERITED_TEXT).is_file():
+        text = with_inherited(read_lm_sentences(manifests / LM_INHERITED_TEXT), text)
     folder = build_lm_folder(
         text, model_dir / LM_DIRNAME,
         BeamConfig(beam_size=lm.beam_size, beam_threshold=lm.beam_threshold,

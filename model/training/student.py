@@ -301,7 +301,10 @@ def _chunk_mask(
     full-context encoder (``causal_conv`` false: its convolutions look ahead) cannot
     stream, so it always trains on full context whatever ``full_context_p`` says — e.g. a
     warm start of the full-context release by a profile that trains streaming students."""
-    if not chunks or not student.cfg.encoder.causal_conv or rng.random() < full_context_p:
+    if not chunks:
+        return None
+    full = rng.random() < full_context_p  # drawn either way: the batch order shares the rng
+    if full or not student.cfg.encoder.causal_conv:
         return None
     frames = int(student.encoder.subsampling.output_lengths(lengths).max())
     return chunk_attention_mask(frames, int(rng.choice(chunks)), left_chunks)

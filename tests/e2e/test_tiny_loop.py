@@ -28,6 +28,7 @@ from model.data.manifest import read_manifest
 from model.decoding.beam import read_lm_sentences
 from model.nn.package import LM_SENTENCES
 from model.training.fit import capped_threads
+from model.training.lm_stage import LM_INHERITED_TEXT, LM_TEXT_MANIFEST
 from serving.app import create_app
 from serving.service import build_app, build_state
 from serving.simulator import simulate
@@ -102,10 +103,15 @@ def test_traffic_to_retrained_candidate_to_promotion(loop: tuple[Settings, Path]
         # lm/sentences.txt.gz), not only the replayed sample's: an LM of the sample lost
         # words (WER rose), an LM of a smaller base corpus than the parent's lost slot F1.
         retrain_run = tags["retrain_run"]
-        parent = read_lm_sentences(settings.models_dir / "teacher" / "model" / "lm" / LM_SENTENCES)
+        parent_file = settings.models_dir / "teacher" / "model" / "lm" / LM_SENTENCES
+        manifests = CorpusLayout(ws / "corpus" / f"retrain-{retrain_run}").manifests_dir
+        assert (manifests / LM_INHERITED_TEXT).read_bytes() == parent_file.read_bytes()
+        assert not (manifests / f"{LM_TEXT_MANIFEST}.jsonl").exists()
+        parent = read_lm_sentences(parent_file)
         child = read_lm_sentences(ws / "retrain" / retrain_run / "student" / "deploy" / "lm"
                                   / LM_SENTENCES)
-        assert parent and set(parent) <= set(child) and len(child) > len(parent)
+        assert parent and child[:len(parent)] == parent
+        assert not set(child[len(parent):]) & set(parent)  # nothing the parent knew, twice
         base = read_manifest(CorpusLayout(ws / "corpus" / settings.retrain.base_profile)
                              .manifest("train"))
         lexicon = ws / "retrain" / retrain_run / "student" / "deploy" / "lm" / "lexicon.txt"

@@ -164,22 +164,28 @@ def test_lm_folder_keeps_its_text_byte_for_byte(tmp_path: Path) -> None:
 
     sentences = ["turn on the <area> kitchen </> light", "what time is it"]
     a = _lm_folder(tmp_path / "a", sentences) / "lm" / LM_SENTENCES
-    b = _lm_folder(tmp_path / "b", sentences) / "lm" / LM_SENTENCES
     assert read_lm_sentences(a) == sentences
-    assert a.read_bytes() == b.read_bytes()  # no timestamp: same text, same file
+    assert a.read_bytes()[4:8] == b"\0\0\0\0"  # gzip mtime 0: same text, same bytes
 
 
-def test_inherited_text_replaces_the_value_and_number_sentences() -> None:
-    from model.data.manifest import ManifestRow, Slot
-    from model.nn.tokens import TaggedCharVocab
-    from model.training.lm_stage import lm_sentences
+def test_rebuilding_an_lm_of_links_leaves_their_targets_alone(tmp_path: Path) -> None:
+    student = _lm_folder(tmp_path / "student", ["turn on the light"]) / "lm"
+    teacher = tmp_path / "teacher" / "lm"
+    teacher.mkdir(parents=True)
+    for name in ("lexicon.txt", "lm.arpa"):
+        (teacher / name).symlink_to(student / name)
+    before = (student / "lm.arpa").read_bytes()
+    build_lm_folder(["what time is it"], teacher, BeamConfig())
+    assert (student / "lm.arpa").read_bytes() == before
+    assert not (teacher / "lm.arpa").is_symlink() and "time" in (teacher / "lexicon.txt").read_text()
 
-    row = ManifestRow(id="u1", audio="a.wav", duration_s=1.0,
-                      transcript="set a timer for five minutes", intent="HassStartTimer",
-                      slots=[Slot(type="minutes", value="five")], engine="espeak-ng", voice="en",
-                      split="train", template_id="t", domain="timers")
-    vocab = TaggedCharVocab(slot_types=("area", "minutes"))
-    full = lm_sentences([row], vocab, {"area": ["kitchen"]})
-    only = lm_sentences([row], vocab, {"area": ["kitchen"]}, extras=False)
-    assert only == ["set a timer for <minutes> five </> minutes"]
-    assert "<area> kitchen </>" in full and "<minutes> ninety nine </>" in full
+
+def test_inherited_text_adds_only_what_the_parent_lacks() -> None:
+    from model.training.lm_stage import with_inherited
+
+    parent = ["turn on the light", "<area> kitchen </>", "turn on the light"]
+    own = ["turn on the light", "<area> attic </>", "<area> kitchen </>", "lock the door",
+           "lock the door"]
+    text = with_inherited(parent, own)
+    # the parent's text whole (its counts too), then the new sentences, none twice over
+    assert text == [*parent, "<area> attic </>", "lock the door", "lock the door"]

@@ -69,3 +69,17 @@ def test_teacher_lm_links_to_the_students_identical_files(tmp_path: Path) -> Non
     assert has_lm(tmp_path / "teacher")
     # counted once: the student's 1000-byte ARPA, both lexicons and both configs
     assert folder_bytes(tmp_path, (".arpa",)) == 1000
+
+
+def test_a_broken_lm_link_is_warned_about(tmp_path: Path, caplog) -> None:
+    from model.nn.package import has_lm
+
+    lm = tmp_path / "teacher" / "lm"
+    lm.mkdir(parents=True)
+    (lm / "decoder.json").write_text("{}")
+    (lm / "lexicon.txt").write_text("on\to n |\n")
+    (lm / "lm.arpa").symlink_to(tmp_path / "student" / "lm" / "lm.arpa")  # copied without it
+    with caplog.at_level("WARNING"):
+        assert not has_lm(tmp_path / "teacher")
+    assert "lm.arpa" in caplog.text and "broken link" in caplog.text
+    assert not has_lm(tmp_path / "nothing")  # no lm/ folder at all: no warning needed
