@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 from model.evaluation.compare import score_bundle
-from model.nn.package import LM_DIRNAME
+from model.nn.package import LM_DIRNAME, copy_lm_folder
 from voiceloop.settings import load_settings
 
 
 def _with_lm(bundle: Path, lm_from: Path, out: Path) -> Path:
     """A copy of ``bundle`` carrying ``lm_from``'s LM folder (links followed)."""
     shutil.copytree(bundle, out, ignore=shutil.ignore_patterns(LM_DIRNAME))
-    shutil.copytree(lm_from / LM_DIRNAME, out / LM_DIRNAME)
+    copy_lm_folder(lm_from / LM_DIRNAME, out)
     return out
 
 

@@ -35,6 +35,7 @@ import torch
 from model.data.corpus import CorpusLayout, load_corpus_rows
 from model.data.manifest import read_manifest
 from model.data.stats import corpus_stats
+from model.decoding.beam import read_config
 from model.evaluation.compare import folder_bytes, score_bundle
 from model.evaluation.report import EvaluationReport, evaluate, write_report
 from model.frontend.audio import load_audio
@@ -133,6 +134,7 @@ def _half_package(folder: Path, out: Path, keep_lm: bool = True) -> None:
     package.model.float()
 
 
+_RELEASED_SUFFIXES = (".onnx", ".pt", ".arpa", ".txt", ".gz", ".json")  # what the size counts
 _SHARED_LM_FILES = ("lexicon.txt", "lm.arpa", LM_SENTENCES)  # each model keeps its own decoder.json (weights)
 
 
@@ -200,7 +202,7 @@ def make_release(settings: Settings, out: Path | None = None, progress: bool = T
         _half_package(student_root / "model", staging / "student_model", keep_lm=False)
         _half_package(teacher_dir, staging / "teacher")
         shared_lm = _share_lm(staging)
-        size = folder_bytes(staging, (".onnx", ".pt", ".arpa", ".txt", ".gz", ".json"))
+        size = folder_bytes(staging, _RELEASED_SUFFIXES)
         if size > MAX_RELEASE_BYTES:
             raise ValueError(f"release would be {size / 1e6:.1f} MB > 15 MB")
         metrics: dict[str, Any] = {}
@@ -252,13 +254,12 @@ def make_release(settings: Settings, out: Path | None = None, progress: bool = T
                        "teacher_run": _training(settings.models_dir / "teacher"),
                        "student_run": _training(student_root),
                        "note": note,
-                       "lm_order": json.loads((staging / "student" / LM_DIRNAME / "decoder.json")
-                                              .read_text(encoding="utf-8"))["order"],
+                       "lm_order": read_config(staging / "student").order,
                        "intent_temperature": student_cfg.get("intent_temperature"),
                        "clarify_threshold": student_cfg.get("clarify_threshold")},
             "metrics": metrics, "latency": latency,
-            "bytes": {"student": folder_bytes(staging / "student", (".onnx", ".arpa", ".txt", ".gz", ".json")),
-                      "teacher": folder_bytes(staging / "teacher", (".pt", ".arpa", ".txt", ".gz", ".json")),
+            "bytes": {"student": folder_bytes(staging / "student", _RELEASED_SUFFIXES),
+                      "teacher": folder_bytes(staging / "teacher", _RELEASED_SUFFIXES),
                       "total": size, "teacher_lm_links_to_student": shared_lm},
         }
         (staging / "release.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
